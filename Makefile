@@ -1,0 +1,26 @@
+# `make demo` and `make test` work on a fresh clone: each creates or reuses .venv by itself.
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.requirements.stamp
+
+.PHONY: demo test bench clean-demo
+
+# Reinstall only when requirements.txt changes (the stamp is a copy of it).
+$(STAMP): requirements.txt
+	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --disable-pip-version-check -r requirements.txt
+	cp requirements.txt $(STAMP)
+
+test: $(STAMP)
+	$(PY) -m pytest -q tests
+
+demo: $(STAMP)
+	$(PY) demo.py
+
+bench: $(STAMP)
+	$(PY) benchmarks/bench_eval.py
+	$(PY) benchmarks/bench_pruner.py
+
+clean-demo:
+	rm -rf datasets/synthetic/Market results/ft_resnet18/demo pytorch_result.mat
