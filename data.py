@@ -1,0 +1,113 @@
+"""Training and test data (SPEC §3, §6): transforms, anchor+positives dataset, balanced sampler, test sets."""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import torch
+from PIL import Image
+from torch.utils.data import DataLoader, Dataset, WeightedRandomSampler
+from torchvision import transforms
+
+from dataset_layout import DatasetError, parse_name
+
+IMAGENET_MEAN, IMAGENET_STD = [0.485, 0.456, 0.406], [0.229, 0.224, 0.225]
+NUM_POSITIVES = 4
+
+
+def train_transform(size: tuple[int, int], erasing_p: float = 0.0, color_jitter: bool = False) -> transforms.Compose:
+    ops = [transforms.Resize(size, interpolation=transforms.InterpolationMode.BICUBIC),
+           transforms.RandomHorizontalFlip()]
+    if color_jitter:
+        ops.append(transforms.ColorJitter(brightness=0.1, contrast=0.1, saturation=0.1, hue=0))
+    ops += [transforms.ToTensor(), transforms.Normalize(IMAGENET_MEAN, IMAGENET_STD)]
+    if erasing_p > 0:
+        ops.append(transforms.RandomErasing(p=erasing_p, value=0))
+    return transforms.Compose(ops)
+
+
+def test_transform(size: tuple[int, int]) -> transforms.Compose:
+    return transforms.Compose([transforms.Resize(size, interpolation=transforms.InterpolationMode.BICUBIC),
+                               transforms.ToTensor(), transforms.Normalize(IMAGENET_MEAN, IMAGENET_STD)])
+
+
+def scan_image_folder(root: str | os.PathLike) -> tuple[list[str], list[tuple[Path, int]]]:
+    """(class names, [(image path, class index)]) in ImageFolder order: sorted folders, sorted files."""
+    root = Path(root)
+    if not root.is_dir():
+        raise DatasetError(f"dataset folder {root} does not exist (run prepare_market.py / prepare_duke.py / "
+                           "prepare_msmt.py first, and point --data_dir at the pytorch/ folder)")
+    classes = sorted(d.name for d in root.iterdir() if d.is_dir())
+    samples = [(p, i) for i, c in enumerate(classes) for p in sorted((root / c).iterdir()) if p.suffix == ".jpg"]
+    if not samples:
+        raise DatasetError(f"dataset folder {root} holds no images")
+    return classes, samples
+
+
+def load_rgb(path: Path) -> Image.Image:
+    with Image.open(path) as img:
+        return img.convert("RGB")
+
+
+class AnchorPositives(Dataset):
+    """Item i: (anchor image, label, 4 positives of the same id).
+
+    Positives are a random permutation of the id's other images taken cyclically, so an id with fewer
+    than four other images repeats them, and an id with a single image uses the anchor itself.
+    """
+
+    def __init__(self, root: str | os.PathLike, transform: transforms.Compose):
+        self.classes, self.samples = scan_image_folder(root)
+        self.transform = transform
+        self.by_class: list[list[int]] = [[] for _ in self.classes]
+        for i, (_, label) in enumerate(self.samples):
+            self.by_class[label].append(i)
+        self.targets = torch.tensor([label for _, label in self.samples])
+
+    def __len__(self) -> int:
+        return len(self.samples)
+
+    def positive_indices(self, index: int) -> list[int]:
+        others = [j for j in self.by_class[self.samples[index][1]] if j != index] or [index]
+        order = torch.randperm(len(others)).tolist()
+        return [others[order[k % len(others)]] for k in range(NUM_POSITIVES)]
+
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, int, torch.Tensor]:
+        path, label = self.samples[index]
+        positives = torch.stack([self.transform(load_rgb(self.samples[j][0])) for j in self.positive_indices(index)])
+        return self.transform(load_rgb(path)), label, positives
+
+
+def balanced_sampler(targets: torch.Tensor) -> WeightedRandomSampler:
+    """Draw len(dataset) images per epoch, each with weight N / (size of its class)."""
+    counts = torch.bincount(targets).double()
+    weights = len(targets) / counts[targets]
+    return WeightedRandomSampler(weights, num_samples=len(targets), replacement=True)
+
+
+def train_loader(root: str | os.PathLike, batch_size: int, size: tuple[int, int], workers: int,
+                 erasing_p: float = 0.0, color_jitter: bool = False, pin_memory: bool = False) -> DataLoader:
+    dataset = AnchorPositives(root, train_transform(size, erasing_p, color_jitter))
+    if len(dataset) < batch_size:
+        raise DatasetError(f"{root} has {len(dataset)} images, fewer than one batch of {batch_size}")
+    return DataLoader(dataset, batch_size=batch_size, sampler=balanced_sampler(dataset.targets),
+                      num_workers=workers, drop_last=True, pin_memory=pin_memory,
+                      persistent_workers=False)
+
+
+class ReidImages(Dataset):
+    """A query/gallery folder; ids and cameras come from the file names (junk '-1' -> -1)."""
+
+    def __init__(self, root: str | os.PathLike, transform: transforms.Compose):
+        _, samples = scan_image_folder(root)
+        self.paths = [p for p, _ in samples]
+        parsed = [parse_name(p.name) for p in self.paths]
+        self.labels = [pid for pid, _ in parsed]
+        self.cams = [cam for _, cam in parsed]
+        self.transform = transform
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+    def __getitem__(self, index: int) -> torch.Tensor:
+        return self.transform(load_rgb(self.paths[index]))

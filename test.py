@@ -1,0 +1,108 @@
+"""Extract query/gallery features of a trained run and write pytorch_result.mat (SPEC §6).
+
+    python test.py --name bafd_r18 --which_epoch last --test_dir ./datasets/Market/pytorch
+    python evaluate_gpu.py
+
+The feature of an image is f(x) + f(flip(x)), L2-normalised. Ids and cameras come from the file names
+(Market, Duke and MSMT17 patterns). Arch and class count are read from the checkpoint itself.
+"""
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+import numpy as np
+import scipy.io
+import torch
+from torch.utils.data import DataLoader
+from tqdm import tqdm
+
+import data
+import model as model_lib
+import utils
+from dataset_layout import DatasetError
+from evaluate_gpu import EvaluationError
+
+
+def get_args_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--name", required=True,
+                   help="run folder, or a run name looked up as RESULTS_DIR/ft_<arch>/<name>")
+    p.add_argument("--which_epoch", default="last", help="checkpoint net_<which_epoch>.pth: 'last' or an epoch")
+    p.add_argument("--test_dir", default="./datasets/Market/pytorch",
+                   help="a prepared dataset's pytorch/ folder (uses its query/ and gallery/)")
+    p.add_argument("--results_dir", default="./results", help="root folder of all runs")
+    p.add_argument("--gpu_ids", default="0", help="GPU id; the CPU is used when CUDA is absent")
+    p.add_argument("--batchsize", type=int, default=128, help="images per forward pass")
+    p.add_argument("--workers", type=int, default=4, help="data-loading worker processes")
+    p.add_argument("--height", type=int, default=None, help="input height (default: the run's opts.yaml, else 256)")
+    p.add_argument("--width", type=int, default=None, help="input width (default: the run's opts.yaml, else 128)")
+    p.add_argument("--mat", default="pytorch_result.mat", help="where to write the features")
+    p.add_argument("--multi", action="store_true",
+                   help="also write multi_query.mat (beside --mat) from the dataset's multi-query/ folder")
+    return p
+
+
+def find_run(name: str, results_dir: str) -> Path:
+    if Path(name).is_dir():
+        return Path(name)
+    matches = sorted(Path(results_dir).glob(f"ft_*/{name}"))
+    if len(matches) != 1:
+        where = f"{results_dir}/ft_*/{name}"
+        raise DatasetError(f"no run {name!r} ({where} does not exist)" if not matches else
+                           f"run name {name!r} is ambiguous ({', '.join(map(str, matches))}): pass the folder")
+    return matches[0]
+
+
+@torch.no_grad()
+def extract_features(net: torch.nn.Module, dataset: torch.utils.data.Dataset, device: torch.device,
+                     batch_size: int, workers: int, desc: str = "features") -> torch.Tensor:
+    """f(x) + f(flip(x)) for every image, L2-normalised, in dataset order."""
+    net.eval()
+    loader = DataLoader(dataset, batch_size=batch_size, num_workers=workers, shuffle=False)
+    out = []
+    for imgs in tqdm(loader, desc=desc, leave=False, mininterval=1.0, disable=None):
+        imgs = imgs.to(device)
+        f = net.extract(imgs) + net.extract(imgs.flip(3))
+        out.append(torch.nn.functional.normalize(f, dim=1).float().cpu())
+    return torch.cat(out)
+
+
+def load_run_model(run: Path, which_epoch: str) -> tuple[torch.nn.Module, dict]:
+    opts_file = run / "opts.yaml"
+    opts = utils.load_options(opts_file) if opts_file.is_file() else {}
+    state = model_lib.load_checkpoint(run / f"net_{which_epoch}.pth")
+    return model_lib.model_from_state_dict(state), opts
+
+
+def main(args: argparse.Namespace) -> dict:
+    run = find_run(args.name, args.results_dir)
+    net, opts = load_run_model(run, args.which_epoch)
+    device = utils.select_device(args.gpu_ids)
+    net = net.to(device)
+    size = (args.height or opts.get("height", 256), args.width or opts.get("width", 128))
+    params, macs = model_lib.inference_params(net), utils.count_macs(net, size)
+    print(f"{run}: {type(net).__name__} {net.arch}, {params / 1e6:.3f} M params, {macs / 1e9:.4f} GMACs "
+          f"at {size[0]}x{size[1]}")
+    transform = data.test_transform(size)
+    result = {}
+    for split in ("gallery", "query"):
+        images = data.ReidImages(Path(args.test_dir) / split, transform)
+        feats = extract_features(net, images, device, args.batchsize, args.workers, split)
+        result.update({f"{split}_f": feats.numpy(), f"{split}_label": np.asarray(images.labels),
+                       f"{split}_cam": np.asarray(images.cams)})
+    scipy.io.savemat(args.mat, result)
+    print(f"wrote {args.mat}: {len(result['query_f'])} queries, {len(result['gallery_f'])} gallery images")
+    if args.multi:
+        images = data.ReidImages(Path(args.test_dir) / "multi-query", transform)
+        feats = extract_features(net, images, device, args.batchsize, args.workers, "multi-query")
+        multi_path = Path(args.mat).with_name("multi_query.mat")
+        scipy.io.savemat(multi_path, {"mquery_f": feats.numpy(), "mquery_label": np.asarray(images.labels),
+                                      "mquery_cam": np.asarray(images.cams)})
+        print(f"wrote {multi_path}")
+    return {"params": params, "macs": macs, "run": str(run)}
+
+
+if __name__ == "__main__":
+    utils.run_main(main, get_args_parser().parse_args(),
+                   (DatasetError, model_lib.ModelError, EvaluationError))

@@ -1,0 +1,115 @@
+"""Small helpers shared by the scripts: devices, seeds, atomic writes, options, model cost."""
+from __future__ import annotations
+
+import os
+import random
+import sys
+import tempfile
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any, Callable, Iterator
+
+import numpy as np
+import torch
+import yaml
+
+
+def select_device(gpu_ids: str) -> torch.device:
+    """The first of `--gpu_ids` when CUDA is present, else the CPU (with a note if GPUs were asked for)."""
+    ids = [int(i) for i in str(gpu_ids).split(",") if i.strip() not in ("", "-1")]
+    if ids and torch.cuda.is_available():
+        if len(ids) > 1:
+            print(f"note: one process uses one GPU (cuda:{ids[0]}); for several GPUs launch with torchrun")
+        torch.cuda.set_device(ids[0])
+        return torch.device("cuda", ids[0])
+    return torch.device("cpu")
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def rng_state() -> dict:
+    """All RNG states as tensors and plain values (loadable with weights_only=True)."""
+    np_state = np.random.get_state()
+    state = {"torch": torch.get_rng_state(), "python": random.getstate(),
+             "numpy": {"keys": torch.from_numpy(np_state[1].astype(np.int64)), "pos": int(np_state[2]),
+                       "has_gauss": int(np_state[3]), "cached": float(np_state[4])}}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict) -> None:
+    torch.set_rng_state(state["torch"])
+    version, internal, gauss = state["python"]
+    random.setstate((version, tuple(internal), gauss))
+    n = state["numpy"]
+    np.random.set_state(("MT19937", n["keys"].numpy().astype(np.uint32), n["pos"], n["has_gauss"], n["cached"]))
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+@contextmanager
+def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
+    """Yield a temporary path beside `path`; it replaces `path` only once the block finishes."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    os.close(fd)
+    try:
+        yield Path(tmp)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+
+
+def save_atomic(obj: Any, path: str | os.PathLike) -> None:
+    """torch.save that never leaves a half-written file behind."""
+    with atomic_path(path) as tmp:
+        torch.save(obj, tmp)
+
+
+def write_text_atomic(text: str, path: str | os.PathLike) -> None:
+    with atomic_path(path) as tmp:
+        tmp.write_text(text)
+
+
+def save_options(options: dict, path: str | os.PathLike) -> None:
+    write_text_atomic(yaml.safe_dump(options, sort_keys=True), path)
+
+
+def load_options(path: str | os.PathLike) -> dict:
+    return yaml.safe_load(Path(path).read_text()) or {}
+
+
+def count_macs(model: torch.nn.Module, input_size: tuple[int, int] = (256, 128)) -> int:
+    """Multiply-accumulates of one feature extraction (`model.extract`) at batch 1, by FlopCounterMode."""
+    from torch.utils.flop_counter import FlopCounterMode
+    device = next(model.parameters()).device
+    was_training = model.training
+    model.eval()
+    counter = FlopCounterMode(display=False)
+    with counter, torch.no_grad():
+        model.extract(torch.zeros(1, 3, *input_size, device=device))
+    model.train(was_training)
+    return counter.get_total_flops() // 2
+
+
+def fail(message: str, code: int = 2) -> None:
+    """Stop a script with a one-line error (a user mistake is not a traceback)."""
+    print(f"error: {message}", file=sys.stderr)
+    sys.exit(code)
+
+
+def run_main(main: Callable[[Any], Any], args: Any, user_errors: tuple[type[Exception], ...]) -> None:
+    """Call main(args), turning the expected user errors into one-line messages."""
+    try:
+        main(args)
+    except user_errors as e:
+        fail(str(e))
+    except KeyboardInterrupt:
+        fail("interrupted", 130)
