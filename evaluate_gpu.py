@@ -216,7 +216,10 @@ def main(args: argparse.Namespace) -> dict:
     g = (mat["gallery_f"], mat["gallery_label"], mat["gallery_cam"])
     result = evaluate(*q, *g, protocol=args.protocol, device=args.device)
     print(format_result(result, args.protocol))
-    if Path(args.multi_mat).is_file():
+    multi_file = Path(args.multi_mat)
+    if multi_file.is_file() and multi_file.stat().st_mtime < Path(args.mat).stat().st_mtime:
+        print(f"note: ignoring {multi_file}, older than {args.mat} (written by an earlier test.py --multi run)")
+    elif multi_file.is_file():
         m = load_mat(args.multi_mat, ("mquery_f", "mquery_label", "mquery_cam"))
         mq = multi_query_features(q[1], q[2], m["mquery_f"], m["mquery_label"], m["mquery_cam"], q[0])
         multi = evaluate(mq, q[1], q[2], *g, protocol=args.protocol, device=args.device)

@@ -122,7 +122,11 @@ def load_checkpoint(path: str | os.PathLike) -> dict:
 
 
 def model_from_state_dict(state: dict) -> nn.Module:
-    """An ft_net (arch and class count read from the weights) with `state` loaded."""
+    """An ft_net (arch and class count read from the weights) with `state` loaded; a small model's
+    state (see small_model.py) gives the small model."""
+    import small_model  # small_model builds on this module
+    if small_model.is_small_state(state):
+        return small_model.small_model_from_state_dict(state)
     net = ft_net(num_classes(state), infer_arch(state))
     try:
         net.load_state_dict(state)

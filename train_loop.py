@@ -62,7 +62,8 @@ def add_training_args(parser: argparse.ArgumentParser, lr: float = 0.01) -> argp
     p.add_argument("--poolsize", type=int, default=128, help="hard negatives are mined among this many positives")
     p.add_argument("--margin", type=float, default=0.3, help="triplet margin on cosine similarities")
     p.add_argument("--pretrained_dir", "--pretrained", dest="pretrained", default=None,
-                   help="file with torchvision ImageNet weights for the backbone (default: torchvision's cache)")
+                   help="starting weights: a torchvision ImageNet state dict for the backbone, or a trained "
+                        "ft_net checkpoint (default: ImageNet weights from torchvision's local cache)")
     p.add_argument("--no_pretrained", action="store_true", help="train from random initialisation")
     p.add_argument("--seed", type=int, default=0, help="random seed (data order, augmentation, mining, init)")
     p.add_argument("--resume", action="store_true", help="continue RESULTS_DIR/ft_<arch>/<name>/ from resume.pth")
@@ -72,6 +73,9 @@ def add_training_args(parser: argparse.ArgumentParser, lr: float = 0.01) -> argp
     p.add_argument("--amp", action="store_true", help="mixed precision on CUDA (ignored on the CPU)")
     p.add_argument("--results_dir", default="./results", help="root folder of all runs")
     return p
+
+
+USER_ERRORS = (DatasetError, model_lib.ModelError)
 
 
 def run_dir(args: argparse.Namespace) -> Path:
@@ -115,8 +119,27 @@ def make_optimizer(net: nn.Module, lr: float, milestones: list[int]
 
 
 def default_model(args: argparse.Namespace, num_classes: int) -> nn.Module:
+    """ft_net with ImageNet weights (torchvision's cache or --pretrained), or a trained ft_net checkpoint
+    given as --pretrained (its head too when the class count matches), or random with --no_pretrained."""
+    if args.pretrained and not args.no_pretrained:
+        state = model_lib.load_checkpoint(args.pretrained) if _is_ft_net_file(args.pretrained) else None
+        if state is not None:
+            net = model_lib.ft_net(num_classes, args.network_arch)
+            if model_lib.num_classes(state) != num_classes:  # another dataset: keep our new head
+                state = {k: v for k, v in state.items() if not k.startswith("classifier.classifier.")}
+            missing, _ = net.load_state_dict(state, strict=False)
+            if any(not k.startswith("classifier.classifier.") for k in missing):
+                raise model_lib.ModelError(f"{args.pretrained} does not fit {args.network_arch}")
+            return net
     pretrained = False if args.no_pretrained else (args.pretrained or True)
     return model_lib.ft_net(num_classes, args.network_arch, pretrained=pretrained)
+
+
+def _is_ft_net_file(path: str) -> bool:
+    try:
+        return "classifier.classifier.0.weight" in torch.load(path, map_location="cpu", weights_only=True)
+    except Exception:
+        return False  # let the ImageNet loader report it
 
 
 def train_one_epoch(net, loader, optimizer, scaler, device, args, epoch: int) -> dict:

@@ -1,0 +1,183 @@
+"""Physically smaller ft_net (SPEC §7): pruned filters removed, not zeroed.
+
+Inner convs lose their pruned filters (and their BN the matching entries); the next conv loses the
+matching input channels. A block's last conv keeps only its kept outputs, which are added into the
+full-width residual at their channel positions (`out_index`), so block outputs keep full width and the
+small model computes what the zeroed model computes, up to float rounding.
+
+A small model's state dict is self-describing: reference key names with smaller shapes, plus each
+block's `out_index` buffer. `small_model_from_state_dict(torch.load(path, weights_only=True))` rebuilds it.
+"""
+from __future__ import annotations
+
+import copy
+
+import torch
+from torch import nn
+
+import model as model_lib
+import pruner
+
+
+class PrunedBlock(nn.Module):
+    """A torchvision BasicBlock / Bottleneck whose last conv produces only the channels `out_index`."""
+
+    def __init__(self, block: nn.Module, out_index: torch.Tensor, width: int):
+        super().__init__()
+        self.bottleneck = hasattr(block, "conv3")
+        names = ("conv1", "bn1", "conv2", "bn2") + (("conv3", "bn3") if self.bottleneck else ())
+        for name in names + ("downsample",):  # reference attribute names keep the state-dict keys
+            setattr(self, name, getattr(block, name))
+        self.relu = nn.ReLU(inplace=True)
+        self.register_buffer("out_index", out_index.clone().long())
+        self.width = width
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        identity = x if self.downsample is None else self.downsample(x)
+        out = self.relu(self.bn1(self.conv1(x)))
+        if self.bottleneck:
+            out = self.relu(self.bn2(self.conv2(out)))
+            out = self.bn3(self.conv3(out))
+        else:
+            out = self.bn2(self.conv2(out))
+        if out.shape[1] == self.width:
+            out = out + identity
+        else:
+            out = identity.index_add(1, self.out_index, out)  # pruned channels: identity + 0
+        return self.relu(out)
+
+
+def zero_filters(net: nn.Module, arch: str) -> dict[str, torch.Tensor]:
+    """{conv weight name: indices of filters whose conv weight, BN weight and BN bias are all 0}."""
+    modules = dict(net.named_modules())
+    found = {}
+    for layer in pruner.pruned_convs(arch):
+        conv, bn = modules[layer.conv], modules[layer.bn]
+        zero = (conv.weight.detach().flatten(1).abs().sum(1) == 0) & (bn.weight.detach() == 0) & (bn.bias.detach() == 0)
+        found[layer.weight] = torch.nonzero(zero).squeeze(1).cpu()
+    return found
+
+
+def kept_filters(net: nn.Module, arch: str, pruned: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """The complement of `pruned` per layer; a layer keeps at least one filter (a zero one if need be,
+    which changes nothing: the channel it feeds stays zero)."""
+    modules = dict(net.named_modules())
+    kept = {}
+    for layer in pruner.pruned_convs(arch):
+        n = modules[layer.conv].out_channels
+        mask = torch.ones(n, dtype=torch.bool)
+        mask[pruned.get(layer.weight, torch.empty(0, dtype=torch.long))] = False
+        if not mask.any():
+            mask[0] = True
+        kept[layer.weight] = torch.nonzero(mask).squeeze(1)
+    return kept
+
+
+def _slice_conv(conv: nn.Conv2d, out_idx: torch.Tensor | None, in_idx: torch.Tensor | None) -> nn.Conv2d:
+    w = conv.weight.detach()
+    if out_idx is not None:
+        w = w[out_idx.to(w.device)]
+    if in_idx is not None:
+        w = w[:, in_idx.to(w.device)]
+    new = nn.Conv2d(w.shape[1], w.shape[0], conv.kernel_size, conv.stride, conv.padding, conv.dilation,
+                    bias=conv.bias is not None).to(w.device)
+    new.weight.data.copy_(w)
+    if conv.bias is not None:
+        new.bias.data.copy_(conv.bias.detach()[out_idx] if out_idx is not None else conv.bias.detach())
+    return new
+
+
+def _slice_bn(bn: nn.BatchNorm2d, idx: torch.Tensor) -> nn.BatchNorm2d:
+    new = nn.BatchNorm2d(len(idx), bn.eps, bn.momentum).to(bn.weight.device)
+    idx = idx.to(bn.weight.device)
+    for name in ("weight", "bias", "running_mean", "running_var"):
+        getattr(new, name).data.copy_(getattr(bn, name).detach()[idx])
+    new.num_batches_tracked.copy_(bn.num_batches_tracked)
+    return new
+
+
+def _set_module(root: nn.Module, name: str, module: nn.Module) -> None:
+    parent, _, child = name.rpartition(".")
+    setattr(root.get_submodule(parent) if parent else root, child, module)
+
+
+def make_small_model(net: nn.Module, kept: dict[str, torch.Tensor] | None = None) -> nn.Module:
+    """A physically smaller copy of ft_net `net` keeping the filters `kept` ({conv weight name: indices});
+    by default the filters that are not exactly zero (conv weight and BN weight and bias)."""
+    arch = net.arch
+    if kept is None:
+        kept = kept_filters(net, arch, zero_filters(net, arch))
+    small = copy.deepcopy(net)
+    for layer in pruner.pruned_convs(arch):  # out- and in-slicing commute: each conv is sliced where it stands
+        idx = kept[layer.weight].cpu()
+        _set_module(small, layer.conv, _slice_conv(small.get_submodule(layer.conv), idx, None))
+        _set_module(small, layer.bn, _slice_bn(small.get_submodule(layer.bn), idx))
+        for consumer in layer.consumers:
+            _set_module(small, consumer, _slice_conv(small.get_submodule(consumer), None, idx))
+    for layer in pruner.pruned_convs(arch):
+        if layer.is_block_output:
+            width = net.get_submodule(layer.conv).out_channels
+            _set_module(small, layer.block, PrunedBlock(small.get_submodule(layer.block), kept[layer.weight], width))
+    return small
+
+
+def is_small_state(state: dict) -> bool:
+    return any(k.endswith(".out_index") for k in state)
+
+
+def small_model_from_state_dict(state: dict) -> nn.Module:
+    """Rebuild a small model from its own state dict (arch, class count and kept filters read from it)."""
+    arch = model_lib.infer_arch(state)
+    full = model_lib.ft_net(model_lib.num_classes(state), arch)
+    kept = {}
+    for layer in pruner.pruned_convs(arch):
+        n = state[layer.weight].shape[0]
+        kept[layer.weight] = state[f"{layer.block}.out_index"] if layer.is_block_output else torch.arange(n)
+    small = make_small_model(full, kept)
+    try:
+        small.load_state_dict(state)
+    except RuntimeError as e:
+        raise model_lib.ModelError(f"small-model checkpoint does not fit {arch}: {str(e).splitlines()[0]}") from None
+    return small
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Cost of a pruned network, counted from kept filter numbers (no model is built)
+
+
+def conv_output_sizes(net: nn.Module, input_size: tuple[int, int]) -> dict[str, tuple[int, int]]:
+    """Output height and width of every conv of the backbone for one input of `input_size`."""
+    sizes, hooks = {}, []
+    for name, m in net.named_modules():
+        if isinstance(m, nn.Conv2d):
+            hooks.append(m.register_forward_hook(lambda mod, inp, out, name=name: sizes.__setitem__(name, out.shape[2:])))
+    was_training = net.training
+    net.eval()
+    with torch.no_grad():
+        net.extract(torch.zeros(1, 3, *input_size, device=next(net.parameters()).device))
+    net.train(was_training)
+    for h in hooks:
+        h.remove()
+    return {k: tuple(v) for k, v in sizes.items()}
+
+
+def pruned_cost(net: nn.Module, n_kept: dict[str, int], sizes: dict[str, tuple[int, int]]) -> tuple[int, int]:
+    """(parameters, MACs) of the feature path of `net` with n_kept[conv weight name] filters per pruned conv,
+    as the small model would have them (the unused fc and classifier Linear excluded)."""
+    layers = {layer.conv: layer for layer in pruner.pruned_convs(net.arch)}
+    out_ch = {conv: n_kept.get(f"{conv}.weight", net.get_submodule(conv).out_channels) for conv in layers}
+    in_from = {consumer: conv for conv, layer in layers.items() for consumer in layer.consumers}
+    bn_of = {layer.bn: layer.conv for layer in layers.values()}
+    params = macs = 0
+    for name, m in net.named_modules():
+        if isinstance(m, nn.Conv2d):
+            o = out_ch.get(name, m.out_channels)
+            i = out_ch[in_from[name]] if name in in_from else m.in_channels
+            k = m.kernel_size[0] * m.kernel_size[1] * i // m.groups
+            params += o * k + (o if m.bias is not None else 0)
+            h, w = sizes[name]
+            macs += h * w * o * k
+        elif isinstance(m, (nn.BatchNorm2d, nn.BatchNorm1d)):
+            c = out_ch[bn_of[name]] if name in bn_of else m.num_features
+            params += 2 * c
+    return params, macs
