@@ -21,6 +21,7 @@ demo: $(STAMP)
 bench: $(STAMP)
 	$(PY) benchmarks/bench_eval.py
 	$(PY) benchmarks/bench_pruner.py
+	$(PY) benchmarks/bench_small.py
 
 clean-demo:
 	rm -rf datasets/synthetic/Market results/ft_resnet18/demo pytorch_result.mat

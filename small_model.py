@@ -181,3 +181,41 @@ def pruned_cost(net: nn.Module, n_kept: dict[str, int], sizes: dict[str, tuple[i
             c = out_ch[bn_of[name]] if name in bn_of else m.num_features
             params += 2 * c
     return params, macs
+
+
+def small_from_checkpoint(state: dict, nonl1: bool, prune_rate: float | None = None,
+                          arch: str | None = None) -> tuple[nn.Module, nn.Module]:
+    """(zeroed reference model, small model) for a checkpoint state dict.
+
+    nonl1: a zeroed BAFD/SFP/FPGM checkpoint; its pruned filters are the all-zero ones.
+    otherwise (HFP): a full-size checkpoint is pruned by the L1 rule at `prune_rate`; an HFP checkpoint
+    that is already small is returned as is (reference and small are then the same model).
+    """
+    found = model_lib.infer_arch(state)
+    if arch and arch != found:
+        raise model_lib.ModelError(f"--network_arch {arch} does not match the checkpoint, which is a {found}")
+    net = model_lib.model_from_state_dict(state)
+    if is_small_state(state):
+        return net, net
+    if nonl1:
+        zeros = zero_filters(net, found)
+        if sum(len(v) for v in zeros.values()) == 0:
+            raise model_lib.ModelError("--NonL1: the checkpoint has no zero filters (conv weight and BN weight and "
+                                       "bias all 0); is it a BAFD/SFP/FPGM net_*.pth? For HFP use --prune_rate")
+        return net, make_small_model(net, kept_filters(net, found, zeros))
+    if prune_rate is None:
+        raise model_lib.ModelError("give --NonL1 for a zeroed BAFD/SFP/FPGM checkpoint, or --prune_rate for HFP")
+    mask = pruner.FilterMask(found, pruner.uniform_rates(found, prune_rate), "l1")
+    pruned = mask.select(net)
+    mask.apply(net, 0.0)
+    return net, make_small_model(net, kept_filters(net, found, pruned))
+
+
+def max_feature_difference(a: nn.Module, b: nn.Module, input_size: tuple[int, int], batch: int = 4) -> float:
+    """Largest absolute difference of the two models' features on random images (eval mode)."""
+    a.eval(), b.eval()
+    device = next(a.parameters()).device
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(batch, 3, *input_size, generator=gen).to(device)
+    with torch.no_grad():
+        return float((a.extract(x) - b.extract(x)).abs().max())

@@ -75,31 +75,41 @@ def load_run_model(run: Path, which_epoch: str) -> tuple[torch.nn.Module, dict]:
     return model_lib.model_from_state_dict(state), opts
 
 
-def main(args: argparse.Namespace) -> dict:
-    run = find_run(args.name, args.results_dir)
-    net, opts = load_run_model(run, args.which_epoch)
-    device = utils.select_device(args.gpu_ids)
-    net = net.to(device)
-    size = (args.height or opts.get("height", 256), args.width or opts.get("width", 128))
-    params, macs = model_lib.inference_params(net), utils.count_macs(net, size)
-    print(f"{run}: {type(net).__name__} {net.arch}, {params / 1e6:.3f} M params, {macs / 1e9:.4f} GMACs "
-          f"at {size[0]}x{size[1]}")
+def write_features(net: torch.nn.Module, test_dir: str, size: tuple[int, int], device: torch.device,
+                   args: argparse.Namespace) -> None:
+    """query/gallery features -> args.mat (SPEC §6 keys); with args.multi also multi_query.mat beside it."""
     transform = data.test_transform(size)
     result = {}
     for split in ("gallery", "query"):
-        images = data.ReidImages(Path(args.test_dir) / split, transform)
+        images = data.ReidImages(Path(test_dir) / split, transform)
         feats = extract_features(net, images, device, args.batchsize, args.workers, split)
         result.update({f"{split}_f": feats.numpy(), f"{split}_label": np.asarray(images.labels),
                        f"{split}_cam": np.asarray(images.cams)})
     scipy.io.savemat(args.mat, result)
     print(f"wrote {args.mat}: {len(result['query_f'])} queries, {len(result['gallery_f'])} gallery images")
     if args.multi:
-        images = data.ReidImages(Path(args.test_dir) / "multi-query", transform)
+        images = data.ReidImages(Path(test_dir) / "multi-query", transform)
         feats = extract_features(net, images, device, args.batchsize, args.workers, "multi-query")
         multi_path = Path(args.mat).with_name("multi_query.mat")
         scipy.io.savemat(multi_path, {"mquery_f": feats.numpy(), "mquery_label": np.asarray(images.labels),
                                       "mquery_cam": np.asarray(images.cams)})
         print(f"wrote {multi_path}")
+
+
+def input_size(args: argparse.Namespace, opts: dict) -> tuple[int, int]:
+    return args.height or opts.get("height", 256), args.width or opts.get("width", 128)
+
+
+def main(args: argparse.Namespace) -> dict:
+    run = find_run(args.name, args.results_dir)
+    net, opts = load_run_model(run, args.which_epoch)
+    device = utils.select_device(args.gpu_ids)
+    net = net.to(device)
+    size = input_size(args, opts)
+    params, macs = model_lib.inference_params(net), utils.count_macs(net, size)
+    print(f"{run}: {type(net).__name__} {net.arch}, {params / 1e6:.3f} M params, {macs / 1e9:.4f} GMACs "
+          f"at {size[0]}x{size[1]}")
+    write_features(net, args.test_dir, size, device, args)
     return {"params": params, "macs": macs, "run": str(run)}
 
 

@@ -1,0 +1,56 @@
+"""Small-model speed: ft_net ResNet-50 with BAFD masks (prune_rate 0.9, max_lrate 0.95, knn 2), CPU, batch 1.
+
+    python benchmarks/bench_small.py [--threads 2] [--repeats 30]
+
+Target: measured speed-up of the small model over the full model >= 0.85 x the theoretical MAC ratio.
+Reported for PyTorch eager (full vs small), ONNX Runtime (full vs small), and across the two.
+"""
+import argparse
+import sys
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+import pruner  # noqa: E402
+import runtime_comparison  # noqa: E402
+from model import ft_net  # noqa: E402
+from small_model import make_small_model, max_feature_difference  # noqa: E402
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--threads", type=int, default=None, help="CPU threads (default: torch's)")
+    p.add_argument("--repeats", type=int, default=30, help="timed runs per model (median)")
+    args = p.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    torch.manual_seed(0)
+    net = ft_net(751, "resnet50").eval()
+    rates = pruner.bafd_layer_rates(net, "resnet50", 0.9, 0.95, 2)
+    mask = pruner.FilterMask("resnet50", rates, "bafd", 2, efficient=True)
+    mask.select(net)
+    mask.apply(net, 0.0)
+    small = make_small_model(net)
+    print(f"max |small - zeroed| feature difference {max_feature_difference(net, small, (256, 128)):.2e}")
+    onnx = ("full", "small") if runtime_comparison.onnx_available() else ()
+    rows = runtime_comparison.compare({"full": net, "small": small}, (256, 128), [1], torch.device("cpu"),
+                                      warmup=5, repeats=args.repeats, onnx_threads=args.threads, onnx_models=onnx)
+    print(f"CPU, {torch.get_num_threads()} threads, batch 1, 3x256x128")
+    print(runtime_comparison.format_table(rows, [1]))
+    by = {r["model"]: r for r in rows}
+    ratio = by["small"]["mac_ratio"]
+    pairs = [("PyTorch eager", "full", "small")]
+    if onnx:
+        pairs += [("ONNX Runtime", "full (onnxruntime)", "small (onnxruntime)"),
+                  ("PyTorch full -> ONNX Runtime small", "full", "small (onnxruntime)")]
+    for label, a, b in pairs:
+        speedup = by[a]["ms_b1"] / by[b]["ms_b1"]
+        verdict = "meets" if speedup >= 0.85 * ratio else "misses"
+        print(f"{label}: speed-up {speedup:.2f}x = {speedup / ratio:.2f} of the MAC ratio {ratio:.2f} "
+              f"({verdict} the 0.85 target)")
+
+
+if __name__ == "__main__":
+    main()

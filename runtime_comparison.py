@@ -1,0 +1,151 @@
+"""Latency of the full, the zeroed and the small model (and full and small under ONNX Runtime).
+
+    python runtime_comparison.py --name bafd_r50 --NonL1                 # CPU, batch 1 and 32
+    python runtime_comparison.py --name hfp_r18 --prune_rate 0.5 --threads 1 --device cpu
+
+Each latency is the median of --repeats timed runs after --warmup untimed ones. The table (params,
+MACs, theoretical MAC ratio, measured speed-up over the full model) is printed and written as CSV and
+JSON next to the checkpoint (RUN/runtime_<epoch>_<device>.csv/.json).
+"""
+from __future__ import annotations
+
+import argparse
+import csv
+import io
+import json
+import statistics
+import tempfile
+import time
+from pathlib import Path
+from typing import Callable
+
+import torch
+
+import model as model_lib
+import test as test_lib
+import utils
+from dataset_layout import DatasetError
+from pruner import PruneError
+from small_model import small_from_checkpoint
+
+
+def get_args_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--name", required=True, help="run folder, or a run name under RESULTS_DIR/ft_<arch>/")
+    p.add_argument("--which_epoch", default="last", help="checkpoint net_<which_epoch>.pth")
+    p.add_argument("--results_dir", default="./results", help="root folder of all runs")
+    p.add_argument("--NonL1", action="store_true", help="zeroed BAFD/SFP/FPGM checkpoint (see test_small.py)")
+    p.add_argument("--prune_rate", type=float, default=None, help="HFP: L1 rule at this rate (see test_small.py)")
+    p.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
+    p.add_argument("--threads", type=int, default=None, help="CPU threads for PyTorch and ONNX Runtime")
+    p.add_argument("--batch_sizes", default="1,32", help="comma-separated batch sizes")
+    p.add_argument("--height", type=int, default=256, help="input height")
+    p.add_argument("--width", type=int, default=128, help="input width")
+    p.add_argument("--warmup", type=int, default=5, help="untimed runs before timing")
+    p.add_argument("--repeats", type=int, default=20, help="timed runs (the median is reported)")
+    p.add_argument("--no_onnx", action="store_true",
+                   help="skip the ONNX Runtime rows (they need onnxruntime and onnxscript, and run on the CPU)")
+    return p
+
+
+def median_latency(fn: Callable[[], object], warmup: int, repeats: int, sync: Callable[[], None]) -> float:
+    """Median wall time of fn() in milliseconds."""
+    for _ in range(warmup):
+        fn()
+    sync()
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        fn()
+        sync()
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times) * 1e3
+
+
+def compare(models: dict[str, torch.nn.Module], input_size: tuple[int, int], batch_sizes: list[int],
+            device: torch.device, warmup: int, repeats: int, onnx_threads: int | None = None,
+            onnx_models: tuple[str, ...] = ()) -> list[dict]:
+    """One row per model (and per model also run under ONNX Runtime): params, MACs, MAC ratio and
+    latency per batch size; MAC ratio and speed-up are relative to the first model."""
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    rows = []
+    for name, net in models.items():
+        net = net.eval().to(device)
+        row = {"model": name, "params": model_lib.inference_params(net), "macs": utils.count_macs(net, input_size)}
+        for b in batch_sizes:
+            x = torch.randn(b, 3, *input_size, device=device)
+            with torch.inference_mode():
+                row[f"ms_b{b}"] = median_latency(lambda: net.extract(x), warmup, repeats, sync)
+        rows.append(row)
+    for name in onnx_models:
+        import onnx_export
+        source = next(r for r in rows if r["model"] == name)
+        row = {"model": f"{name} (onnxruntime)", "params": source["params"], "macs": source["macs"]}
+        with tempfile.TemporaryDirectory() as tmp:
+            session = onnx_export.onnx_session(onnx_export.export_onnx(models[name], Path(tmp) / "m.onnx", input_size),
+                                               onnx_threads)
+            for b in batch_sizes:
+                x = torch.randn(b, 3, *input_size).numpy()
+                row[f"ms_b{b}"] = median_latency(lambda: session.run(None, {"images": x}), warmup, repeats,
+                                                 lambda: None)
+        rows.append(row)
+    base = rows[0]
+    for row in rows:
+        row["mac_ratio"] = base["macs"] / row["macs"]
+        for b in batch_sizes:
+            row[f"speedup_b{b}"] = base[f"ms_b{b}"] / row[f"ms_b{b}"]
+    return rows
+
+
+def format_table(rows: list[dict], batch_sizes: list[int]) -> str:
+    head = f"{'model':26s} {'params (M)':>10s} {'GMACs':>8s} {'MAC ratio':>9s}" + "".join(
+        f" {'b' + str(b) + ' ms':>9s} {'speed-up':>8s}" for b in batch_sizes)
+    lines = [head, "-" * len(head)]
+    for r in rows:
+        lines.append(f"{r['model']:26s} {r['params'] / 1e6:10.3f} {r['macs'] / 1e9:8.4f} {r['mac_ratio']:9.2f}" + "".join(
+            f" {r[f'ms_b{b}']:9.2f} {r[f'speedup_b{b}']:8.2f}" for b in batch_sizes))
+    return "\n".join(lines)
+
+
+def write_outputs(rows: list[dict], stem: Path) -> None:
+    buf = io.StringIO()
+    writer = csv.DictWriter(buf, list(rows[0]))
+    writer.writeheader()
+    writer.writerows(rows)
+    utils.write_text_atomic(buf.getvalue(), stem.with_suffix(".csv"))
+    utils.write_text_atomic(json.dumps(rows, indent=2), stem.with_suffix(".json"))
+
+
+def onnx_available() -> bool:
+    try:
+        import onnxruntime  # noqa: F401
+        import onnxscript  # noqa: F401
+        return True
+    except ImportError:
+        return False
+
+
+def main(args: argparse.Namespace) -> list[dict]:
+    run = test_lib.find_run(args.name, args.results_dir)
+    state = model_lib.load_checkpoint(run / f"net_{args.which_epoch}.pth")
+    zeroed, small = small_from_checkpoint(state, args.NonL1, args.prune_rate)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    full = model_lib.ft_net(model_lib.num_classes(state), small.arch)
+    models = {"full": full, "zeroed": zeroed, "small": small}
+    size, batch_sizes = (args.height, args.width), [int(b) for b in args.batch_sizes.split(",")]
+    use_onnx = not args.no_onnx and device.type == "cpu" and onnx_available()
+    rows = compare(models, size, batch_sizes, device, args.warmup, args.repeats, args.threads,
+                   ("full", "small") if use_onnx else ())
+    print(f"{run}: {small.arch} at {size[0]}x{size[1]} on {device}"
+          f"{f' ({torch.get_num_threads()} threads)' if device.type == 'cpu' else ''}")
+    print(format_table(rows, batch_sizes))
+    stem = run / f"runtime_{args.which_epoch}_{device.type}"
+    write_outputs(rows, stem)
+    print(f"wrote {stem}.csv and {stem}.json")
+    return rows
+
+
+if __name__ == "__main__":
+    utils.run_main(main, get_args_parser().parse_args(), (DatasetError, model_lib.ModelError, PruneError))
