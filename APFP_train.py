@@ -19,7 +19,7 @@ def get_args_parser() -> argparse.ArgumentParser:
 
 
 def main(args: argparse.Namespace) -> None:
-    train_loop.train(args, make_hook=prune_hooks.bafd_hook)
+    train_loop.train(args, make_hook=prune_hooks.bafd_hook, method="bafd")
 
 
 if __name__ == "__main__":

@@ -15,7 +15,7 @@ def get_args_parser() -> argparse.ArgumentParser:
 
 
 def main(args: argparse.Namespace) -> None:
-    train_loop.train(args, make_hook=prune_hooks.uniform_hook("fpgm"))
+    train_loop.train(args, make_hook=prune_hooks.uniform_hook("fpgm"), method="fpgm")
 
 
 if __name__ == "__main__":

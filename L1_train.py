@@ -15,7 +15,7 @@ def get_args_parser() -> argparse.ArgumentParser:
 
 
 def main(args: argparse.Namespace) -> None:
-    train_loop.train(args, build_model=prune_hooks.hfp_model)
+    train_loop.train(args, build_model=prune_hooks.hfp_model, method="hfp")
 
 
 if __name__ == "__main__":

@@ -15,7 +15,7 @@ def get_args_parser() -> argparse.ArgumentParser:
 
 
 def main(args: argparse.Namespace) -> None:
-    train_loop.train(args, make_hook=prune_hooks.uniform_hook("l2"))
+    train_loop.train(args, make_hook=prune_hooks.uniform_hook("l2"), method="sfp")
 
 
 if __name__ == "__main__":

@@ -37,7 +37,7 @@ def step(title: str, *cmd: str) -> str:
     return out
 
 
-def save_untrained(run: Path, num_classes: int, size: tuple[int, int]) -> None:
+def save_untrained(run: Path, num_classes: int, data_dir: str, size: tuple[int, int]) -> None:
     """A randomly initialised ResNet-18 checkpoint: the score a network gets before any training."""
     import torch
 
@@ -45,7 +45,21 @@ def save_untrained(run: Path, num_classes: int, size: tuple[int, int]) -> None:
     from model import ft_net
     torch.manual_seed(0)
     utils.save_atomic(ft_net(num_classes, "resnet18").state_dict(), run / "net_last.pth")
-    utils.save_options({"height": size[0], "width": size[1]}, run / "opts.yaml")
+    utils.save_options({"method": "untrained", "network_arch": "resnet18", "data_dir": data_dir, "prune_rate": 0.0,
+                        "height": size[0], "width": size[1]}, run / "opts.yaml")
+
+
+def test_and_evaluate(run: Path, test_dir: str, small: bool = False) -> None:
+    """Features and metrics beside the checkpoint, as scripts/test.sh and scripts/small_test.sh store them."""
+    suffix = "_small" if small else ""
+    mat, metrics = str(run / f"pytorch_result{suffix}.mat"), str(run / f"metrics_last{suffix}.json")
+    if small:
+        step("build the physically smaller network and test it", "test_small.py", "--name", str(run), "--NonL1",
+             "--test_dir", test_dir, "--mat", mat, "--workers", "0")
+    else:
+        step(f"extract the features of {run.name}", "test.py", "--name", str(run), "--test_dir", test_dir,
+             "--mat", mat, "--workers", "0")
+    step("evaluate them", "evaluate_gpu.py", "--mat", mat, "--multi_mat", str(run / "none.mat"), "--json", metrics)
 
 
 def main(args: argparse.Namespace) -> None:
@@ -57,43 +71,37 @@ def main(args: argparse.Namespace) -> None:
     step("prepare it (train / val / train_all / query / gallery / multi-query)", "prepare_market.py",
          "--data_dir", str(data))
     n_classes = len(list((data / "pytorch" / "train_all").iterdir()))
-    save_untrained(ROOT / runs / "demo_untrained", n_classes, (args.height, args.width))
-    mats = {k: str(ROOT / runs / f"demo_{k}.mat") for k in ("untrained", "zeroed", "small")}
-    step("test an untrained ResNet-18 (the baseline to beat)", "test.py", "--name", "demo_untrained",
-         "--results_dir", args.results_dir, "--test_dir", pt, "--mat", mats["untrained"], "--workers", "0")
-    step("evaluate it", "evaluate_gpu.py", "--mat", mats["untrained"], "--json", mats["untrained"] + ".json")
+    save_untrained(ROOT / runs / "demo_untrained", n_classes, pt, (args.height, args.width))
+    test_and_evaluate(runs / "demo_untrained", pt)
     step(f"prune a ResNet-18 with BAFD while training it ({args.epochs} epochs, from scratch, CPU)", "APFP_train.py",
-         "--network_arch", "resnet18", "--name", "demo", "--data_dir", pt, "--train_all", "--no_pretrained",
+         "--network_arch", "resnet18", "--name", "demo_bafd", "--data_dir", pt, "--train_all", "--no_pretrained",
          "--results_dir", args.results_dir, "--prune_rate", str(args.prune_rate), "--max_lrate", "0.8", "--knn", "2",
          "--decay_rate", "0.3", "--efficient_pruning", "--Epochs", str(args.epochs), "--milestones",
-         f"{args.epochs - 2}", "--batchsize", "16", "--lr", "0.1", "--workers", "2", *size)
-    step("extract its features (zeroed checkpoint)", "test.py", "--name", "demo", "--results_dir", args.results_dir,
-         "--test_dir", pt, "--mat", mats["zeroed"], "--workers", "0")
-    step("evaluate", "evaluate_gpu.py", "--mat", mats["zeroed"], "--json", mats["zeroed"] + ".json")
-    step("build the physically smaller network and test it", "test_small.py", "--name", "demo", "--NonL1",
-         "--results_dir", args.results_dir, "--test_dir", pt, "--mat", mats["small"], "--workers", "0")
-    step("evaluate the small network (same numbers as the zeroed one)", "evaluate_gpu.py", "--mat", mats["small"],
-         "--json", mats["small"] + ".json")
-    step("compare latency on the CPU at 3x256x128", "runtime_comparison.py", "--name", "demo", "--NonL1",
-         "--results_dir", args.results_dir, "--batch_sizes", "1,8", "--repeats", str(args.runtime_repeats),
-         "--warmup", "2")
-    summary(mats, ROOT / runs / "demo" / "runtime_last_cpu.json")
+         f"{max(args.epochs - 2, 1)}", "--batchsize", "16", "--lr", "0.1", "--workers", "2", *size)
+    test_and_evaluate(runs / "demo_bafd", pt)
+    test_and_evaluate(runs / "demo_bafd", pt, small=True)
+    step("compare latency on the CPU at 3x256x128", "runtime_comparison.py", "--name", str(runs / "demo_bafd"),
+         "--NonL1", "--batch_sizes", "1,8", "--repeats", str(args.runtime_repeats), "--warmup", "2")
+    step("collect every run into one table and plot", "collect_results.py", "--results_dir", args.results_dir)
+    summary(ROOT / runs)
 
 
-def summary(mats: dict, runtime_json: Path) -> None:
-    metrics = {k: json.loads(Path(v + ".json").read_text()) for k, v in mats.items()}
-    rows = {r["model"]: r for r in json.loads(runtime_json.read_text())}
-    print("\n== results (synthetic Market-1501, ResNet-18, BAFD)")
+def summary(runs: Path) -> None:
+    load = lambda name: json.loads((runs / name).read_text())  # noqa: E731
+    untrained, zeroed, small = (load(f) for f in ("demo_untrained/metrics_last.json", "demo_bafd/metrics_last.json",
+                                                  "demo_bafd/metrics_last_small.json"))
+    rows = {r["model"]: r for r in load("demo_bafd/runtime_last_cpu.json")}
+    print("\n== results (synthetic Market-1501, ResNet-18, BAFD; latency at 3x256x128)")
     print(f"{'network':22s} {'mAP':>7s} {'Rank@1':>7s} {'params (M)':>10s} {'GMACs':>7s} {'CPU ms (b1)':>11s}")
-    for label, key, row in [("untrained", "untrained", "full"), ("BAFD, zeroed", "zeroed", "zeroed"),
-                            ("BAFD, small", "small", "small")]:
-        m, r = metrics[key], rows[row]
+    for label, m, r in [("untrained", untrained, rows["full"]), ("BAFD, zeroed", zeroed, rows["zeroed"]),
+                        ("BAFD, small", small, rows["small"])]:
         print(f"{label:22s} {m['mAP']:7.3f} {m['rank1']:7.3f} {r['params'] / 1e6:10.3f} {r['macs'] / 1e9:7.3f} "
               f"{r['ms_b1']:11.2f}")
-    gain = metrics["zeroed"]["mAP"] - metrics["untrained"]["mAP"]
-    print(f"trained mAP is {gain:+.3f} over the untrained network; the small network has "
-          f"{rows['small']['mac_ratio']:.2f}x fewer MACs and runs {rows['small']['speedup_b1']:.2f}x faster at batch 1")
-    print(f"runtime table: {runtime_json.with_suffix('.csv')}")
+    print(f"trained mAP is {zeroed['mAP'] - untrained['mAP']:+.3f} over the untrained network; the small network "
+          f"has {rows['small']['mac_ratio']:.2f}x fewer MACs and runs {rows['small']['speedup_b1']:.2f}x faster at "
+          f"batch 1 ({rows['small (onnxruntime)']['speedup_b1']:.2f}x under ONNX Runtime)"
+          if "small (onnxruntime)" in rows else "")
+    print(f"plot: {runs.parent / 'summary' / 'mAP_vs_MACs_Market.png'}")
 
 
 if __name__ == "__main__":

@@ -201,8 +201,9 @@ def load_mat(path: str | os.PathLike, keys) -> dict:
 def get_args_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description="Rank-k / mAP (/ mINP) of the features test.py wrote.")
     p.add_argument("--mat", default="pytorch_result.mat", help="features from test.py")
-    p.add_argument("--multi_mat", default="multi_query.mat",
-                   help="multi-query features from test.py --multi; evaluated too when the file exists")
+    p.add_argument("--multi_mat", default=None,
+                   help="multi-query features from test.py --multi, evaluated too when the file exists "
+                        "(default: multi_query.mat beside --mat)")
     p.add_argument("--protocol", choices=["reference", "standard"], default="reference",
                    help="reference: trapezoid AP, divide by all queries; standard: AP and mINP over valid queries")
     p.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
@@ -216,7 +217,7 @@ def main(args: argparse.Namespace) -> dict:
     g = (mat["gallery_f"], mat["gallery_label"], mat["gallery_cam"])
     result = evaluate(*q, *g, protocol=args.protocol, device=args.device)
     print(format_result(result, args.protocol))
-    multi_file = Path(args.multi_mat)
+    multi_file = Path(args.multi_mat or Path(args.mat).with_name("multi_query.mat"))
     if multi_file.is_file() and multi_file.stat().st_mtime < Path(args.mat).stat().st_mtime:
         print(f"note: ignoring {multi_file}, older than {args.mat} (written by an earlier test.py --multi run)")
     elif multi_file.is_file():
@@ -226,7 +227,10 @@ def main(args: argparse.Namespace) -> dict:
         print("multi Rank@1:%f Rank@5:%f Rank@10:%f mAP:%f" % (multi["rank1"], multi["rank5"], multi["rank10"],
                                                                 multi["mAP"]))
         result["multi"] = multi
-    if args.json:
+    if args.json:  # both protocols, so collected tables need no recomputation
+        other = "standard" if args.protocol == "reference" else "reference"
+        result[other] = evaluate(*q, *g, protocol=other, device=args.device)
+        result["protocol"] = args.protocol
         import json
         from utils import write_text_atomic
         write_text_atomic(json.dumps(result, indent=2), args.json)

@@ -39,7 +39,9 @@ def get_args_parser() -> argparse.ArgumentParser:
     p.add_argument("--width", type=int, default=None, help="input width (default: the run's opts.yaml, else 128)")
     p.add_argument("--mat", default="pytorch_result.mat", help="where to write the features")
     p.add_argument("--multi", action="store_true",
-                   help="also write multi_query.mat (beside --mat) from the dataset's multi-query/ folder")
+                   help="also write multi-query features from the dataset's multi-query/ folder (Market)")
+    p.add_argument("--multi_mat", default=None,
+                   help="where --multi writes them (default: multi_query.mat beside --mat)")
     return p
 
 
@@ -90,7 +92,7 @@ def write_features(net: torch.nn.Module, test_dir: str, size: tuple[int, int], d
     if args.multi:
         images = data.ReidImages(Path(test_dir) / "multi-query", transform)
         feats = extract_features(net, images, device, args.batchsize, args.workers, "multi-query")
-        multi_path = Path(args.mat).with_name("multi_query.mat")
+        multi_path = Path(args.multi_mat or Path(args.mat).with_name("multi_query.mat"))
         scipy.io.savemat(multi_path, {"mquery_f": feats.numpy(), "mquery_label": np.asarray(images.labels),
                                       "mquery_cam": np.asarray(images.cams)})
         print(f"wrote {multi_path}")

@@ -189,8 +189,10 @@ def write_log(history: list[dict], path: Path) -> None:
 
 
 def train(args: argparse.Namespace, make_hook: Callable[[nn.Module, argparse.Namespace], EpochEndHook] | None = None,
-          build_model: Callable[[argparse.Namespace, int], nn.Module] = default_model) -> nn.Module:
-    """Train (and prune, through the hook) one run; returns the final model."""
+          build_model: Callable[[argparse.Namespace, int], nn.Module] = default_model,
+          method: str = "baseline") -> nn.Module:
+    """Train (and prune, through the hook) one run; returns the final model. `method` is recorded in
+    opts.yaml (bafd, sfp, fpgm, hfp) for the tools that collect results."""
     model_lib.check_arch(args.network_arch)
     out = run_dir(args)
     resume_file = out / "resume.pth"
@@ -222,7 +224,7 @@ def train(args: argparse.Namespace, make_hook: Callable[[nn.Module, argparse.Nam
     else:
         out.mkdir(parents=True, exist_ok=True)
     options = {k: v for k, v in vars(args).items()}
-    options.update(nclasses=num_classes, arch=args.network_arch)
+    options.update(nclasses=num_classes, arch=args.network_arch, method=method)
     utils.save_options(options, out / "opts.yaml")
     print(f"{args.network_arch}: {num_classes} classes, {len(loader.dataset)} images, device {device}, "
           f"outputs in {out}")
