@@ -6,7 +6,7 @@ from pathlib import Path
 
 import torch
 from PIL import Image
-from torch.utils.data import DataLoader, Dataset, WeightedRandomSampler
+from torch.utils.data import DataLoader, Dataset, Sampler
 from torchvision import transforms
 
 from dataset_layout import DatasetError, parse_name
@@ -78,21 +78,43 @@ class AnchorPositives(Dataset):
         return self.transform(load_rgb(path)), label, positives
 
 
-def balanced_sampler(targets: torch.Tensor) -> WeightedRandomSampler:
-    """Draw len(dataset) images per epoch, each with weight N / (size of its class)."""
-    counts = torch.bincount(targets).double()
-    weights = len(targets) / counts[targets]
-    return WeightedRandomSampler(weights, num_samples=len(targets), replacement=True)
+class BalancedSampler(Sampler[int]):
+    """Each epoch draws len(dataset) images with replacement, an image weighing N / (size of its class).
+
+    The draw depends only on (seed, epoch), so it is the same on every rank, and rank r of `world` takes
+    slot r of every global batch of world x batch_size images: the ranks' batches of one step together
+    are the batch a single process would take with batch_size x world.
+    """
+
+    def __init__(self, targets: torch.Tensor, batch_size: int, seed: int = 0, rank: int = 0, world: int = 1):
+        counts = torch.bincount(targets).double()
+        self.weights = len(targets) / counts[targets]
+        self.batch_size, self.seed, self.rank, self.world = batch_size, seed, rank, world
+        self.steps = len(targets) // (batch_size * world)
+        self.epoch = 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __iter__(self):
+        gen = torch.Generator().manual_seed(self.seed * 1_000_003 + self.epoch)
+        draw = torch.multinomial(self.weights, len(self.weights), replacement=True, generator=gen)
+        per_step = draw[:self.steps * self.batch_size * self.world].view(self.steps, self.world, self.batch_size)
+        return iter(per_step[:, self.rank].flatten().tolist())
+
+    def __len__(self) -> int:
+        return self.steps * self.batch_size
 
 
 def train_loader(root: str | os.PathLike, batch_size: int, size: tuple[int, int], workers: int,
-                 erasing_p: float = 0.0, color_jitter: bool = False, pin_memory: bool = False) -> DataLoader:
+                 erasing_p: float = 0.0, color_jitter: bool = False, pin_memory: bool = False,
+                 seed: int = 0, rank: int = 0, world: int = 1) -> DataLoader:
     dataset = AnchorPositives(root, train_transform(size, erasing_p, color_jitter))
-    if len(dataset) < batch_size:
-        raise DatasetError(f"{root} has {len(dataset)} images, fewer than one batch of {batch_size}")
-    return DataLoader(dataset, batch_size=batch_size, sampler=balanced_sampler(dataset.targets),
-                      num_workers=workers, drop_last=True, pin_memory=pin_memory,
-                      persistent_workers=False)
+    if len(dataset) < batch_size * world:
+        raise DatasetError(f"{root} has {len(dataset)} images, fewer than one batch of {batch_size} x {world}")
+    return DataLoader(dataset, batch_size=batch_size, sampler=BalancedSampler(dataset.targets, batch_size, seed,
+                                                                              rank, world),
+                      num_workers=workers, drop_last=True, pin_memory=pin_memory)
 
 
 class ReidImages(Dataset):

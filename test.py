@@ -14,10 +14,11 @@ from pathlib import Path
 import numpy as np
 import scipy.io
 import torch
-from torch.utils.data import DataLoader
+from torch.utils.data import DataLoader, Subset
 from tqdm import tqdm
 
 import data
+import distributed
 import model as model_lib
 import utils
 from dataset_layout import DatasetError
@@ -59,15 +60,20 @@ def find_run(name: str, results_dir: str) -> Path:
 @torch.no_grad()
 def extract_features(net: torch.nn.Module, dataset: torch.utils.data.Dataset, device: torch.device,
                      batch_size: int, workers: int, desc: str = "features") -> torch.Tensor:
-    """f(x) + f(flip(x)) for every image, L2-normalised, in dataset order."""
+    """f(x) + f(flip(x)) for every image, L2-normalised, in dataset order.
+
+    Under torchrun each rank extracts a contiguous shard and the shards are gathered in order."""
     net.eval()
-    loader = DataLoader(dataset, batch_size=batch_size, num_workers=workers, shuffle=False)
+    world, rank = distributed.world_size(), distributed.rank()
+    bounds = [len(dataset) * r // world for r in range(world + 1)]
+    shard = Subset(dataset, range(bounds[rank], bounds[rank + 1]))
+    loader = DataLoader(shard, batch_size=batch_size, num_workers=workers, shuffle=False)
     out = []
-    for imgs in tqdm(loader, desc=desc, leave=False, mininterval=1.0, disable=None):
+    for imgs in tqdm(loader, desc=desc, leave=False, mininterval=1.0, disable=None if rank == 0 else True):
         imgs = imgs.to(device)
         f = net.extract(imgs) + net.extract(imgs.flip(3))
         out.append(torch.nn.functional.normalize(f, dim=1).float().cpu())
-    return torch.cat(out)
+    return torch.cat([s for shard in distributed.all_gather_object(out) for s in shard])
 
 
 def load_run_model(run: Path, which_epoch: str) -> tuple[torch.nn.Module, dict]:
@@ -87,15 +93,17 @@ def write_features(net: torch.nn.Module, test_dir: str, size: tuple[int, int], d
         feats = extract_features(net, images, device, args.batchsize, args.workers, split)
         result.update({f"{split}_f": feats.numpy(), f"{split}_label": np.asarray(images.labels),
                        f"{split}_cam": np.asarray(images.cams)})
-    scipy.io.savemat(args.mat, result)
-    print(f"wrote {args.mat}: {len(result['query_f'])} queries, {len(result['gallery_f'])} gallery images")
+    if distributed.is_main():
+        scipy.io.savemat(args.mat, result)
+        print(f"wrote {args.mat}: {len(result['query_f'])} queries, {len(result['gallery_f'])} gallery images")
     if args.multi:
         images = data.ReidImages(Path(test_dir) / "multi-query", transform)
         feats = extract_features(net, images, device, args.batchsize, args.workers, "multi-query")
         multi_path = Path(args.multi_mat or Path(args.mat).with_name("multi_query.mat"))
-        scipy.io.savemat(multi_path, {"mquery_f": feats.numpy(), "mquery_label": np.asarray(images.labels),
-                                      "mquery_cam": np.asarray(images.cams)})
-        print(f"wrote {multi_path}")
+        if distributed.is_main():
+            scipy.io.savemat(multi_path, {"mquery_f": feats.numpy(), "mquery_label": np.asarray(images.labels),
+                                          "mquery_cam": np.asarray(images.cams)})
+            print(f"wrote {multi_path}")
 
 
 def input_size(args: argparse.Namespace, opts: dict) -> tuple[int, int]:
@@ -105,13 +113,15 @@ def input_size(args: argparse.Namespace, opts: dict) -> tuple[int, int]:
 def main(args: argparse.Namespace) -> dict:
     run = find_run(args.name, args.results_dir)
     net, opts = load_run_model(run, args.which_epoch)
-    device = utils.select_device(args.gpu_ids)
+    device = distributed.setup(args.gpu_ids)
     net = net.to(device)
     size = input_size(args, opts)
     params, macs = model_lib.inference_params(net), utils.count_macs(net, size)
-    print(f"{run}: {type(net).__name__} {net.arch}, {params / 1e6:.3f} M params, {macs / 1e9:.4f} GMACs "
-          f"at {size[0]}x{size[1]}")
+    if distributed.is_main():
+        print(f"{run}: {type(net).__name__} {net.arch}, {params / 1e6:.3f} M params, {macs / 1e9:.4f} GMACs "
+              f"at {size[0]}x{size[1]}")
     write_features(net, args.test_dir, size, device, args)
+    distributed.cleanup()
     return {"params": params, "macs": macs, "run": str(run)}
 
 

@@ -19,6 +19,7 @@ from torch import nn
 from tqdm import tqdm
 
 import data
+import distributed
 import model as model_lib
 import utils
 from dataset_layout import DatasetError
@@ -71,6 +72,9 @@ def add_training_args(parser: argparse.ArgumentParser, lr: float = 0.01) -> argp
     p.add_argument("--height", type=int, default=256, help="input height (256 in the paper)")
     p.add_argument("--width", type=int, default=128, help="input width (128 in the paper)")
     p.add_argument("--amp", action="store_true", help="mixed precision on CUDA (ignored on the CPU)")
+    p.add_argument("--channels_last", action="store_true", help="channels-last memory format on CUDA")
+    p.add_argument("--sync_bn", action="store_true",
+                   help="under torchrun on GPUs: BN statistics over all ranks' batches (SyncBatchNorm)")
     p.add_argument("--results_dir", default="./results", help="root folder of all runs")
     return p
 
@@ -82,23 +86,24 @@ def run_dir(args: argparse.Namespace) -> Path:
     return Path(args.results_dir) / f"ft_{args.network_arch}" / args.name
 
 
-def mine_triplets(f: torch.Tensor, pf: torch.Tensor, labels: torch.Tensor, poolsize: int
-                  ) -> tuple[torch.Tensor, torch.Tensor]:
+def mine_triplets(f: torch.Tensor, pf: torch.Tensor, labels: torch.Tensor, poolsize: int,
+                  generator: torch.Generator | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Cosine scores of each anchor with its hard positive and its hard negative.
 
     f: (B, D) anchor features, pf: (4B, D) positives (4 per anchor, anchor-major), both L2-normalised.
     Hard positive: the least similar of the anchor's 4 positives. Hard negative: the most similar
-    sample of another id among a random pool of `poolsize` positives; score 0 when the pool has none.
-    Indices are mined without gradient; the scores carry gradient to all three features.
+    sample of another id among a random pool of `poolsize` positives of the whole (all ranks') batch;
+    score 0 when the pool has none. Indices are mined without gradient; the scores carry gradient to
+    all three features (across ranks too).
     """
     b = f.shape[0]
-    pf4 = pf.view(b, data.NUM_POSITIVES, -1)
-    pos_scores = torch.einsum("bd,bkd->bk", f, pf4)
+    pos_scores = torch.einsum("bd,bkd->bk", f, pf.view(b, data.NUM_POSITIVES, -1))
     s_pos = pos_scores.gather(1, pos_scores.detach().argmin(1, keepdim=True)).squeeze(1)
-    pool = torch.randperm(pf.shape[0])[:poolsize].to(f.device)
-    pool_labels = labels.repeat_interleave(data.NUM_POSITIVES)[pool]
-    neg_scores = f @ pf[pool].T
-    masked = neg_scores.detach().masked_fill(labels[:, None] == pool_labels[None, :], float("-inf"))
+    all_pf = distributed.gather_with_grad(pf)
+    all_labels = distributed.gather(labels.repeat_interleave(data.NUM_POSITIVES))
+    pool = torch.randperm(all_pf.shape[0], generator=generator)[:poolsize].to(f.device)
+    neg_scores = f @ all_pf[pool].T
+    masked = neg_scores.detach().masked_fill(labels[:, None] == all_labels[pool][None, :], float("-inf"))
     best, hard = masked.max(1)
     s_neg = neg_scores.gather(1, hard[:, None]).squeeze(1) * torch.isfinite(best)
     return s_pos, s_neg
@@ -142,39 +147,61 @@ def _is_ft_net_file(path: str) -> bool:
         return False  # let the ImageNet loader report it
 
 
-def train_one_epoch(net, loader, optimizer, scaler, device, args, epoch: int) -> dict:
-    net.train()
-    totals = {"loss": 0.0, "correct": 0, "margin": 0.0, "n": 0}
-    amp = scaler is not None
+class PairForward(nn.Module):
+    """Anchors and positives through the network in two passes (BN statistics per pass, as in the
+    reference) inside one forward, so that DistributedDataParallel sees one forward per backward."""
+
+    def __init__(self, net: nn.Module):
+        super().__init__()
+        self.net = net
+
+    def forward(self, imgs: torch.Tensor, positives: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.net.extract(imgs), self.net.extract(positives)
+
+
+def loss_and_backward(pair: nn.Module, imgs: torch.Tensor, labels: torch.Tensor, positives: torch.Tensor,
+                      args: argparse.Namespace, generator: torch.Generator, scaler=None
+                      ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Forward, mining and backward of one batch; returns (this rank's loss, s_pos, s_neg), detached.
+
+    The loss is a sum over the global batch and DDP averages gradients over ranks, so each rank's
+    loss is scaled by the world size: N ranks x batch B give the gradients of 1 process x batch N*B."""
+    with torch.autocast(imgs.device.type, enabled=scaler is not None):
+        f, pf = pair(imgs, positives)
+    s_pos, s_neg = mine_triplets(f.float(), pf.float(), labels, args.poolsize, generator)
+    loss = triplet_loss(s_pos, s_neg, args.margin)
+    scaled = loss * distributed.world_size()
+    (scaler.scale(scaled) if scaler is not None else scaled).backward()
+    return loss.detach(), s_pos.detach(), s_neg.detach()
+
+
+def train_one_epoch(pair, loader, optimizer, scaler, device, args, epoch: int, generator) -> dict:
+    pair.train()
+    loader.sampler.set_epoch(epoch)
+    totals = torch.zeros(4, dtype=torch.float64)  # loss, correct, margin, n
     t0 = time.time()
-    bar = tqdm(loader, desc=f"epoch {epoch}/{args.Epochs}", leave=False, mininterval=1.0, disable=None)
+    bar = tqdm(loader, desc=f"epoch {epoch}/{args.Epochs}", leave=False, mininterval=1.0,
+               disable=None if distributed.is_main() else True)
     for imgs, labels, positives in bar:
         imgs, labels = imgs.to(device, non_blocking=True), labels.to(device, non_blocking=True)
         positives = positives.to(device, non_blocking=True).flatten(0, 1)
-        with torch.autocast(device.type, enabled=amp):
-            _, f = net(imgs)
-            _, pf = net(positives)
-        s_pos, s_neg = mine_triplets(f.float(), pf.float(), labels, args.poolsize)
-        loss = triplet_loss(s_pos, s_neg, args.margin)
+        if args.channels_last and device.type == "cuda":
+            imgs, positives = (x.contiguous(memory_format=torch.channels_last) for x in (imgs, positives))
         optimizer.zero_grad(set_to_none=True)
-        if amp:
-            scaler.scale(loss).backward()
+        loss, s_pos, s_neg = loss_and_backward(pair, imgs, labels, positives, args, generator, scaler)
+        if scaler is not None:
             scaler.step(optimizer)
             scaler.update()
         else:
-            loss.backward()
             optimizer.step()
-        with torch.no_grad():
-            totals["loss"] += loss.item()
-            totals["correct"] += int((s_pos > s_neg + args.margin).sum())
-            totals["margin"] += float((s_pos - s_neg).sum())
-            totals["n"] += len(labels)
-        n = totals["n"]
-        bar.set_postfix(loss=f"{totals['loss'] / n:.4f}", acc=f"{totals['correct'] / n:.3f}",
+        totals += torch.tensor([loss.item(), float((s_pos > s_neg + args.margin).sum()),
+                                float((s_pos - s_neg).sum()), len(labels)], dtype=torch.float64)
+        n = totals[3].item()
+        bar.set_postfix(loss=f"{totals[0].item() / n:.4f}", acc=f"{totals[1].item() / n:.3f}",
                         img_s=f"{n * (1 + data.NUM_POSITIVES) / (time.time() - t0):.0f}")
-    n = max(totals["n"], 1)
-    return {"loss": totals["loss"] / n, "accuracy": totals["correct"] / n, "mean_margin": totals["margin"] / n,
-            "seconds": time.time() - t0}
+    loss, correct, margin, n = distributed.sum_over_ranks(totals.tolist(), device)
+    n = max(n, 1)
+    return {"loss": loss / n, "accuracy": correct / n, "mean_margin": margin / n, "seconds": time.time() - t0}
 
 
 LOG_FIELDS = ["epoch", "loss", "accuracy", "mean_margin", "lr", "seconds", "note"]
@@ -188,27 +215,56 @@ def write_log(history: list[dict], path: Path) -> None:
     utils.write_text_atomic(buf.getvalue(), path)
 
 
+def wrap_for_training(net: nn.Module, device: torch.device, args: argparse.Namespace) -> nn.Module:
+    """PairForward around the network; under torchrun also SyncBatchNorm (--sync_bn) and DDP.
+
+    The unused torchvision fc and the classifier Linear (kept for checkpoint keys) get no gradient from
+    the triplet loss; they are frozen explicitly, which DDP requires and changes nothing else."""
+    for name, p in net.named_parameters():
+        if name.startswith(("model.fc.", "classifier.classifier.")):
+            p.requires_grad_(False)
+    if args.channels_last and device.type == "cuda":
+        net = net.to(memory_format=torch.channels_last)
+    pair = PairForward(net)
+    if distributed.world_size() == 1:
+        return pair
+    if args.sync_bn and device.type == "cuda":
+        pair = nn.SyncBatchNorm.convert_sync_batchnorm(pair)
+    return nn.parallel.DistributedDataParallel(pair, device_ids=[device] if device.type == "cuda" else None)
+
+
 def train(args: argparse.Namespace, make_hook: Callable[[nn.Module, argparse.Namespace], EpochEndHook] | None = None,
           build_model: Callable[[argparse.Namespace, int], nn.Module] = default_model,
           method: str = "baseline") -> nn.Module:
     """Train (and prune, through the hook) one run; returns the final model. `method` is recorded in
-    opts.yaml (bafd, sfp, fpgm, hfp) for the tools that collect results."""
+    opts.yaml (bafd, sfp, fpgm, hfp) for the tools that collect results.
+
+    Under torchrun every rank trains its share of each global batch; the epoch-end hook runs on rank 0,
+    whose weights and masks are then broadcast; only rank 0 writes files and prints."""
     model_lib.check_arch(args.network_arch)
     out = run_dir(args)
     resume_file = out / "resume.pth"
     if args.resume and not resume_file.is_file():
         raise DatasetError(f"--resume: {resume_file} does not exist")
-    device = utils.select_device(args.gpu_ids)
-    utils.seed_everything(args.seed)
+    device = distributed.setup(args.gpu_ids)
+    rank, world, main = distributed.rank(), distributed.world_size(), distributed.is_main()
+    utils.seed_everything(args.seed + rank)  # augmentation differs per rank; the model init is broadcast
     train_dir = Path(args.data_dir) / ("train_all" if args.train_all else "train")
     loader = data.train_loader(train_dir, args.batchsize, (args.height, args.width), args.workers,
-                               args.erasing_p, args.color_jitter, pin_memory=device.type == "cuda")
+                               args.erasing_p, args.color_jitter, pin_memory=device.type == "cuda",
+                               seed=args.seed, rank=rank, world=world)
     num_classes = len(loader.dataset.classes)
+    torch.manual_seed(args.seed)  # the same initial model on every rank
     net = build_model(args, num_classes).to(device)
     hook = make_hook(net, args) if make_hook else EpochEndHook()
+    distributed.broadcast_module(net)
+    hook.load_state_dict(distributed.broadcast_object(hook.state_dict()))
+    torch.manual_seed(args.seed + rank)
+    pair = wrap_for_training(net, device, args)
     milestones = [int(m) for m in str(args.milestones).split(",") if m.strip()]
     optimizer, scheduler = make_optimizer(net, args.lr, milestones)
     scaler = torch.amp.GradScaler("cuda") if args.amp and device.type == "cuda" else None
+    mining = torch.Generator().manual_seed(args.seed)  # the same pool draws on every rank
     start, history = 1, []
     if args.resume:
         state = torch.load(resume_file, map_location=device, weights_only=True)
@@ -218,23 +274,32 @@ def train(args: argparse.Namespace, make_hook: Callable[[nn.Module, argparse.Nam
         hook.load_state_dict(state["hook"])
         if scaler is not None and "scaler" in state:
             scaler.load_state_dict(state["scaler"])
-        utils.set_rng_state(state["rng"])
+        rng = state["rng"]
+        utils.set_rng_state(rng[rank] if rank < len(rng) else rng[0])
+        mining.set_state(state["mining_rng"])
         start, history = state["epoch"] + 1, state["history"]
-        print(f"resuming {out} after epoch {state['epoch']}")
-    else:
+        if main:
+            print(f"resuming {out} after epoch {state['epoch']}")
+    elif main:
         out.mkdir(parents=True, exist_ok=True)
-    options = {k: v for k, v in vars(args).items()}
-    options.update(nclasses=num_classes, arch=args.network_arch, method=method)
-    utils.save_options(options, out / "opts.yaml")
-    print(f"{args.network_arch}: {num_classes} classes, {len(loader.dataset)} images, device {device}, "
-          f"outputs in {out}")
+    if main:
+        options = {k: v for k, v in vars(args).items()}
+        options.update(nclasses=num_classes, arch=args.network_arch, method=method, world_size=world)
+        utils.save_options(options, out / "opts.yaml")
+        print(f"{args.network_arch}: {num_classes} classes, {len(loader.dataset)} images, device {device}"
+              f"{f' x {world} processes' if world > 1 else ''}, outputs in {out}")
 
     for epoch in range(start, args.Epochs + 1):
         last = epoch == args.Epochs
-        stats = train_one_epoch(net, loader, optimizer, scaler, device, args, epoch)
+        stats = train_one_epoch(pair, loader, optimizer, scaler, device, args, epoch, mining)
         lr = optimizer.param_groups[1]["lr"]
         scheduler.step()
-        note = hook.on_epoch_end(net, epoch, last)
+        note = hook.on_epoch_end(net, epoch, last) if main else ""
+        distributed.broadcast_module(net)  # rank 0's pruned weights everywhere
+        hook.load_state_dict(distributed.broadcast_object(hook.state_dict()))
+        rng = distributed.all_gather_object(utils.rng_state())
+        if not main:
+            continue
         history.append({"epoch": epoch, **stats, "lr": lr, "note": note})
         print(f"epoch {epoch}/{args.Epochs} loss {stats['loss']:.4f} acc {stats['accuracy']:.3f} "
               f"margin {stats['mean_margin']:.3f} lr {lr:.2e} {stats['seconds']:.1f}s {note}".rstrip(), flush=True)
@@ -245,10 +310,11 @@ def train(args: argparse.Namespace, make_hook: Callable[[nn.Module, argparse.Nam
             if last:
                 utils.save_atomic(weights, out / "net_last.pth")
         resume = {"model": net.state_dict(), "optimizer": optimizer.state_dict(),
-                  "scheduler": scheduler.state_dict(), "hook": hook.state_dict(), "rng": utils.rng_state(),
-                  "epoch": epoch, "history": history}
+                  "scheduler": scheduler.state_dict(), "hook": hook.state_dict(), "rng": rng,
+                  "mining_rng": mining.get_state(), "epoch": epoch, "history": history}
         if scaler is not None:
             resume["scaler"] = scaler.state_dict()
         utils.save_atomic(resume, resume_file)
         write_log(history, out / "log.csv")
+    distributed.cleanup()
     return net
