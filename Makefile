@@ -24,4 +24,4 @@ bench: $(STAMP)
 	$(PY) benchmarks/bench_small.py
 
 clean-demo:
-	rm -rf datasets/synthetic/Market results/ft_resnet18/demo pytorch_result.mat
+	rm -rf datasets/synthetic/Market results/ft_resnet18/demo_bafd results/ft_resnet18/demo_untrained results/summary

@@ -7,6 +7,7 @@ import argparse
 import torch
 from torch import nn
 
+import distributed
 import pruner
 import small_model
 import train_loop
@@ -93,7 +94,8 @@ def hfp_model(args: argparse.Namespace, num_classes: int) -> nn.Module:
     net = train_loop.default_model(args, num_classes)
     pruned = pruner.select_layers(net, pruner.uniform_rates(args.network_arch, args.prune_rate), "l1")
     meter = CostMeter(net, (args.height, args.width))
-    print("HFP: " + meter.note(pruned))
+    if distributed.is_main():
+        print("HFP: " + meter.note(pruned))
     return small_model.make_small_model(net, small_model.kept_filters(net, args.network_arch, pruned))
 
 
