@@ -23,10 +23,9 @@ class CostMeter:
         self.full = small_model.pruned_cost(net, {}, self.sizes)
 
     def note(self, pruned: dict[str, torch.Tensor]) -> str:
-        total = sum(self.net.get_submodule(name.rsplit(".", 1)[0]).out_channels for name in pruned)
-        n_pruned = sum(len(idx) for idx in pruned.values())
-        kept = {name: self.net.get_submodule(name.rsplit(".", 1)[0]).out_channels - len(idx)
-                for name, idx in pruned.items()}
+        widths = {name: self.net.get_submodule(name.rsplit(".", 1)[0]).out_channels for name in pruned}
+        total, n_pruned = sum(widths.values()), sum(len(idx) for idx in pruned.values())
+        kept = {name: widths[name] - len(idx) for name, idx in pruned.items()}
         params, macs = small_model.pruned_cost(self.net, kept, self.sizes)
         return (f"pruned {n_pruned}/{total} filters ({n_pruned / max(total, 1):.1%}), "
                 f"params {params / self.full[0]:.1%} MACs {macs / self.full[1]:.1%} remaining")

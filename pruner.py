@@ -43,6 +43,11 @@ class PrunedConv:
     def weight(self) -> str:
         return f"{self.conv}.weight"
 
+    @property
+    def filter_params(self) -> tuple[str, str, str]:
+        """The parameters a pruned filter lives in: conv weight, BN weight, BN bias (dim 0 = filter)."""
+        return f"{self.conv}.weight", f"{self.bn}.weight", f"{self.bn}.bias"
+
 
 def pruned_convs(arch: str) -> list[PrunedConv]:
     """Every pruned conv of ft_net's backbone, in model order (SPEC §4).
@@ -354,6 +359,20 @@ def _all_layer_rates(arch: str, ranked_rates: dict[str, float]) -> list[float]:
 # Applying a selection: conv weight + BN weight and bias
 
 
+def _scale_filters(tensors: dict[str, torch.Tensor], arch: str, selected: dict[str, torch.Tensor],
+                   factor: float) -> None:
+    """In place: the selected filters of each layer times `factor` in all their tensors (0: exactly 0)."""
+    table = layer_by_weight(arch)
+    for name, idx in selected.items():
+        for key in table[name].filter_params:
+            tensor = tensors[key]
+            i = idx.to(tensor.device)
+            if factor == 0:
+                tensor.index_fill_(0, i, 0.0)
+            else:
+                tensor[i] *= factor
+
+
 class FilterMask:
     """Per-layer rates and criterion; selects filters on the current weights and decays or zeroes them.
 
@@ -376,34 +395,15 @@ class FilterMask:
     @torch.no_grad()
     def apply(self, model: nn.Module, factor: float, selected: dict[str, torch.Tensor] | None = None) -> None:
         """Multiply the selected filters' conv weight, BN weight and BN bias by `factor` (0: set exactly 0)."""
-        modules = dict(model.named_modules())
-        table = layer_by_weight(self.arch)
-        for name, idx in (self.selected if selected is None else selected).items():
-            layer = table[name]
-            conv, bn = modules[layer.conv], modules[layer.bn]
-            for tensor in (conv.weight, bn.weight, bn.bias):
-                i = idx.to(tensor.device)
-                if factor == 0:
-                    tensor.index_fill_(0, i, 0.0)
-                else:
-                    tensor[i] *= factor
+        _scale_filters(dict(model.named_parameters()), self.arch, self.selected if selected is None else selected,
+                       factor)
 
     def zeroed_state(self, model: nn.Module) -> dict:
         """A copy of the model's state dict with a fresh selection set to exactly 0 (the model is untouched)."""
         selected = select_layers(model, self.rates, self.criterion, self.knn, self.efficient, self.workspace)
         state = {k: v.detach().clone() for k, v in model.state_dict().items()}
-        table = layer_by_weight(self.arch)
-        for name, idx in selected.items():
-            layer = table[name]
-            for key in (f"{layer.conv}.weight", f"{layer.bn}.weight", f"{layer.bn}.bias"):
-                state[key].index_fill_(0, idx.to(state[key].device), 0.0)
+        _scale_filters(state, self.arch, selected, 0.0)
         return state
-
-    def summary(self, model: nn.Module) -> str:
-        weights = conv_weights(model, self.rates)
-        total = sum(w.shape[0] for w in weights.values())
-        pruned = sum(len(self.selected.get(n, ())) for n in weights)
-        return f"pruned {pruned}/{total} filters ({pruned / max(total, 1):.1%})"
 
     def state_dict(self) -> dict:
         return {"arch": self.arch, "rates": dict(self.rates), "criterion": self.criterion, "knn": self.knn,

@@ -49,11 +49,11 @@ class PrunedBlock(nn.Module):
 
 def zero_filters(net: nn.Module, arch: str) -> dict[str, torch.Tensor]:
     """{conv weight name: indices of filters whose conv weight, BN weight and BN bias are all 0}."""
-    modules = dict(net.named_modules())
+    params = dict(net.named_parameters())
     found = {}
     for layer in pruner.pruned_convs(arch):
-        conv, bn = modules[layer.conv], modules[layer.bn]
-        zero = (conv.weight.detach().flatten(1).abs().sum(1) == 0) & (bn.weight.detach() == 0) & (bn.bias.detach() == 0)
+        zero = torch.stack([params[k].detach().flatten(1).abs().sum(1) == 0 if params[k].dim() > 1
+                            else params[k].detach() == 0 for k in layer.filter_params]).all(0)
         found[layer.weight] = torch.nonzero(zero).squeeze(1).cpu()
     return found
 

@@ -127,7 +127,7 @@ def default_model(args: argparse.Namespace, num_classes: int) -> nn.Module:
     """ft_net with ImageNet weights (torchvision's cache or --pretrained), or a trained ft_net checkpoint
     given as --pretrained (its head too when the class count matches), or random with --no_pretrained."""
     if args.pretrained and not args.no_pretrained:
-        state = model_lib.load_checkpoint(args.pretrained) if _is_ft_net_file(args.pretrained) else None
+        state = _ft_net_state(args.pretrained)
         if state is not None:
             net = model_lib.ft_net(num_classes, args.network_arch)
             if model_lib.num_classes(state) != num_classes:  # another dataset: keep our new head
@@ -140,11 +140,13 @@ def default_model(args: argparse.Namespace, num_classes: int) -> nn.Module:
     return model_lib.ft_net(num_classes, args.network_arch, pretrained=pretrained)
 
 
-def _is_ft_net_file(path: str) -> bool:
+def _ft_net_state(path: str) -> dict | None:
+    """The file's state dict when it is an ft_net checkpoint, else None (the ImageNet loader reports
+    a missing or unreadable file)."""
     try:
-        return "classifier.classifier.0.weight" in torch.load(path, map_location="cpu", weights_only=True)
-    except Exception:
-        return False  # let the ImageNet loader report it
+        return model_lib.load_checkpoint(path)
+    except model_lib.ModelError:
+        return None
 
 
 class PairForward(nn.Module):

@@ -136,3 +136,19 @@ def test_test_py_parses_msmt_two_digit_cameras(tmp_path):
     expected = sorted(parse_name(p.name)[1] for p in (root / "pytorch" / "query").rglob("*.jpg"))
     assert sorted(mat["query_cam"].ravel().tolist()) == expected
     assert max(expected) >= 10
+
+
+def test_pretrained_accepts_a_trained_ft_net_checkpoint(tmp_path):
+    from model import ft_net
+    torch.manual_seed(1)
+    trained = ft_net(6, "resnet18")
+    torch.save(trained.state_dict(), tmp_path / "net.pth")
+    args = make_args(tmp_path, tmp_path, pretrained=str(tmp_path / "net.pth"), no_pretrained=False)
+    same = train_loop.default_model(args, 6)
+    assert all(torch.equal(a, b) for a, b in zip(same.state_dict().values(), trained.state_dict().values()))
+    other = train_loop.default_model(args, 9)  # another dataset: backbone and neck kept, new classifier
+    assert torch.equal(other.model.layer4[1].conv2.weight, trained.model.layer4[1].conv2.weight)
+    assert other.classifier.classifier[0].weight.shape[0] == 9
+    args.network_arch = "resnet34"
+    with pytest.raises(train_loop.model_lib.ModelError, match="does not fit"):
+        train_loop.default_model(args, 6)
