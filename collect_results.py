@@ -16,6 +16,7 @@ import io
 import json
 from pathlib import Path
 
+import data
 import utils
 
 COLUMNS = ["method", "arch", "dataset", "prune_rate", "R1", "R5", "R10", "mAP", "mINP", "params_M", "GMACs",
@@ -69,10 +70,9 @@ def collect(results_dir: Path, epoch: str = "last", size: tuple[int, int] = (256
     for opts_file in sorted(results_dir.glob("ft_*/*/opts.yaml")):
         run = opts_file.parent
         opts = utils.load_options(opts_file)
-        data_dir = Path(str(opts.get("data_dir", "")))
         method = opts.get("method", "baseline")
         row = {"method": method, "arch": opts.get("network_arch", run.parent.name[3:]),
-               "dataset": data_dir.parent.name if data_dir.name == "pytorch" else data_dir.name,
+               "dataset": data.dataset_name(str(opts.get("data_dir", ""))),
                "prune_rate": opts.get("prune_rate") if method != "baseline" else 0.0, "run": str(run)}
         metrics = run_metrics(run, epoch)
         if metrics:

@@ -44,20 +44,48 @@ def scan_image_folder(root: str | os.PathLike) -> tuple[list[str], list[tuple[Pa
     return classes, samples
 
 
+def dataset_name(root: str | os.PathLike) -> str:
+    """'Market' for .../Market/pytorch or .../Market/pytorch/train_all; the folder's own name otherwise.
+    Several comma-separated folders (merged training) give 'Market+Duke'."""
+    if "," in str(root):
+        return "+".join(dataset_name(r) for r in str(root).split(",") if r)
+    root = Path(root)
+    if root.name in ("train", "train_all", "val", "query", "gallery", "multi-query"):
+        root = root.parent
+    return root.parent.name if root.name == "pytorch" else root.name
+
+
+def scan_sources(roots: list[str | os.PathLike]) -> tuple[list[str], list[tuple[Path, int]], list[dict]]:
+    """Several image folders merged into one label space: (class names, samples, per-source summary).
+
+    Source i's identities get the labels after those of sources 0..i-1, so ids of different datasets
+    never collide even when their folder names (e.g. '0002') do. With one source nothing is renamed."""
+    classes, samples, summary = [], [], []
+    for root in roots:
+        names, found = scan_image_folder(root)
+        prefix = f"{dataset_name(root)}/" if len(roots) > 1 else ""
+        samples += [(path, label + len(classes)) for path, label in found]
+        classes += [prefix + name for name in names]
+        summary.append({"source": str(root), "ids": len(names), "images": len(found)})
+    return classes, samples, summary
+
+
 def load_rgb(path: Path) -> Image.Image:
     with Image.open(path) as img:
         return img.convert("RGB")
 
 
 class AnchorPositives(Dataset):
-    """Item i: (anchor image, label, 4 positives of the same id).
+    """Item i: (anchor image, label, 4 positives of the same id), from one image folder or several
+    merged ones (see scan_sources).
 
     Positives are a random permutation of the id's other images taken cyclically, so an id with fewer
     than four other images repeats them, and an id with a single image uses the anchor itself.
     """
 
-    def __init__(self, root: str | os.PathLike, transform: transforms.Compose):
-        self.classes, self.samples = scan_image_folder(root)
+    def __init__(self, roots: str | os.PathLike | list[str | os.PathLike], transform: transforms.Compose):
+        roots = roots if isinstance(roots, (list, tuple)) else [roots]
+        self.classes, self.samples, self.sources = scan_sources(list(roots))
         self.transform = transform
         self.by_class: list[list[int]] = [[] for _ in self.classes]
         for i, (_, label) in enumerate(self.samples):
@@ -106,12 +134,13 @@ class BalancedSampler(Sampler[int]):
         return self.steps * self.batch_size
 
 
-def train_loader(root: str | os.PathLike, batch_size: int, size: tuple[int, int], workers: int,
+def train_loader(root: str | os.PathLike | list[str | os.PathLike], batch_size: int, size: tuple[int, int], workers: int,
                  erasing_p: float = 0.0, color_jitter: bool = False, pin_memory: bool = False,
                  seed: int = 0, rank: int = 0, world: int = 1) -> DataLoader:
     dataset = AnchorPositives(root, train_transform(size, erasing_p, color_jitter))
     if len(dataset) < batch_size * world:
-        raise DatasetError(f"{root} has {len(dataset)} images, fewer than one batch of {batch_size} x {world}")
+        names = " + ".join(d["source"] for d in dataset.sources)
+        raise DatasetError(f"{names} has {len(dataset)} images, fewer than one batch of {batch_size} x {world}")
     return DataLoader(dataset, batch_size=batch_size, sampler=BalancedSampler(dataset.targets, batch_size, seed,
                                                                               rank, world),
                       num_workers=workers, drop_last=True, pin_memory=pin_memory)

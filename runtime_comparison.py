@@ -89,6 +89,11 @@ def compare(models: dict[str, torch.nn.Module], input_size: tuple[int, int], bat
                 row[f"ms_b{b}"] = median_latency(lambda: session.run(None, {"images": x}), warmup, repeats,
                                                  lambda: None)
         rows.append(row)
+    return add_ratios(rows, batch_sizes)
+
+
+def add_ratios(rows: list[dict], batch_sizes: list[int]) -> list[dict]:
+    """MAC ratio and measured speed-up of every row relative to the first one (in place)."""
     base = rows[0]
     for row in rows:
         row["mac_ratio"] = base["macs"] / row["macs"]
@@ -97,13 +102,21 @@ def compare(models: dict[str, torch.nn.Module], input_size: tuple[int, int], bat
     return rows
 
 
+OPTIONAL_COLUMNS = (("size_mb", "size (MB)", "{:9.2f}"), ("mAP", "mAP", "{:6.3f}"), ("R1", "R1", "{:6.3f}"))
+
+
 def format_table(rows: list[dict], batch_sizes: list[int]) -> str:
-    head = f"{'model':26s} {'params (M)':>10s} {'GMACs':>8s} {'MAC ratio':>9s}" + "".join(
+    """Params, MACs, MAC ratio, then file size and accuracy where the rows have them, then latencies."""
+    extra = [c for c in OPTIONAL_COLUMNS if any(c[0] in r for r in rows)]
+    width = max(26, *(len(r["model"]) for r in rows))
+    head = f"{'model':{width}s} {'params (M)':>10s} {'GMACs':>8s} {'MAC ratio':>9s}" + "".join(
+        f" {title:>{len(fmt.format(0))}s}" for _, title, fmt in extra) + "".join(
         f" {'b' + str(b) + ' ms':>9s} {'speed-up':>8s}" for b in batch_sizes)
     lines = [head, "-" * len(head)]
     for r in rows:
-        lines.append(f"{r['model']:26s} {r['params'] / 1e6:10.3f} {r['macs'] / 1e9:8.4f} {r['mac_ratio']:9.2f}" + "".join(
-            f" {r[f'ms_b{b}']:9.2f} {r[f'speedup_b{b}']:8.2f}" for b in batch_sizes))
+        cells = "".join(" " + (fmt.format(r[key]) if key in r else " " * len(fmt.format(0))) for key, _, fmt in extra)
+        lines.append(f"{r['model']:{width}s} {r['params'] / 1e6:10.3f} {r['macs'] / 1e9:8.4f} {r['mac_ratio']:9.2f}"
+                     + cells + "".join(f" {r[f'ms_b{b}']:9.2f} {r[f'speedup_b{b}']:8.2f}" for b in batch_sizes))
     return "\n".join(lines)
 
 

@@ -103,7 +103,8 @@ def _set_module(root: nn.Module, name: str, module: nn.Module) -> None:
 
 def make_small_model(net: nn.Module, kept: dict[str, torch.Tensor] | None = None) -> nn.Module:
     """A physically smaller copy of ft_net `net` keeping the filters `kept` ({conv weight name: indices});
-    by default the filters that are not exactly zero (conv weight and BN weight and bias)."""
+    by default the filters that are not exactly zero (conv weight and BN weight and bias). `net` may
+    itself be a small model (iterative compression): indices then count its remaining filters."""
     arch = net.arch
     if kept is None:
         kept = kept_filters(net, arch, zero_filters(net, arch))
@@ -116,8 +117,12 @@ def make_small_model(net: nn.Module, kept: dict[str, torch.Tensor] | None = None
             _set_module(small, consumer, _slice_conv(small.get_submodule(consumer), None, idx))
     for layer in pruner.pruned_convs(arch):
         if layer.is_block_output:
-            width = net.get_submodule(layer.conv).out_channels
-            _set_module(small, layer.block, PrunedBlock(small.get_submodule(layer.block), kept[layer.weight], width))
+            block, idx = net.get_submodule(layer.block), kept[layer.weight].cpu()
+            if isinstance(block, PrunedBlock):  # shrinking a small model again: indices into the full width
+                out_index, width = block.out_index.cpu()[idx], block.width
+            else:
+                out_index, width = idx, net.get_submodule(layer.conv).out_channels
+            _set_module(small, layer.block, PrunedBlock(small.get_submodule(layer.block), out_index, width))
     return small
 
 

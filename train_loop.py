@@ -14,12 +14,12 @@ from pathlib import Path
 from typing import Callable
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 from tqdm import tqdm
 
 import data
 import distributed
+import losses as losses_lib
 import model as model_lib
 import utils
 from dataset_layout import DatasetError
@@ -43,12 +43,15 @@ class EpochEndHook:
         pass
 
 
-def add_training_args(parser: argparse.ArgumentParser, lr: float = 0.01) -> argparse.ArgumentParser:
+def add_training_args(parser: argparse.ArgumentParser, lr: float = 0.01,
+                      prune_help: str = "fraction of filters removed") -> argparse.ArgumentParser:
     """The reference training flags shared by the four train scripts, plus our additions."""
     p = parser
     p.add_argument("--gpu_ids", default="0", help="GPU id(s), e.g. 0; the CPU is used when CUDA is absent")
     p.add_argument("--name", default="ft_ResNet", help="run name: outputs go to RESULTS_DIR/ft_<arch>/<name>/")
-    p.add_argument("--data_dir", default="./datasets/Market/pytorch", help="a prepared dataset's pytorch/ folder")
+    p.add_argument("--data_dir", default="./datasets/Market/pytorch",
+                   help="a prepared dataset's pytorch/ folder, or several comma-separated ones trained on together "
+                        "(identities relabelled so that datasets never share a label)")
     p.add_argument("--train_all", action="store_true", help="train on train_all (train + val) instead of train")
     p.add_argument("--batchsize", type=int, default=32, help="anchors per batch (each brings 4 positives)")
     p.add_argument("--lr", type=float, default=lr, help="learning rate of the head; the backbone uses 0.1 * lr")
@@ -57,11 +60,18 @@ def add_training_args(parser: argparse.ArgumentParser, lr: float = 0.01) -> argp
     p.add_argument("--save_epoch", type=int, default=60,
                    help="save net_<epoch>.pth from this (1-based) epoch on; net_last.pth is always saved")
     p.add_argument("--network_arch", default="resnet50", help="resnet18, resnet34 or resnet50")
-    p.add_argument("--prune_rate", type=float, default=0.9, help="fraction of filters removed")
+    p.add_argument("--prune_rate", type=float, default=0.9, help=prune_help)
     p.add_argument("--erasing_p", type=float, default=0.0, help="random erasing probability (0 = off)")
     p.add_argument("--color_jitter", action="store_true", help="use colour jitter in training")
     p.add_argument("--poolsize", type=int, default=128, help="hard negatives are mined among this many positives")
     p.add_argument("--margin", type=float, default=0.3, help="triplet margin on cosine similarities")
+    p.add_argument("--loss", default="triplet",
+                   help="training loss: triplet (the paper), circle, softmax, or several joined by '+' "
+                        "(e.g. softmax+circle); the total is their sum")
+    p.add_argument("--circle_m", type=float, default=0.25, help="circle loss relaxation margin m")
+    p.add_argument("--circle_gamma", type=float, default=64.0, help="circle loss scale gamma")
+    p.add_argument("--warm_epoch", type=int, default=0,
+                   help="linear learning-rate warm-up over the first N epochs, per step from 0.1 x lr (0 = off)")
     p.add_argument("--pretrained_dir", "--pretrained", dest="pretrained", default=None,
                    help="starting weights: a torchvision ImageNet state dict for the backbone, or a trained "
                         "ft_net checkpoint (default: ImageNet weights from torchvision's local cache)")
@@ -79,38 +89,14 @@ def add_training_args(parser: argparse.ArgumentParser, lr: float = 0.01) -> argp
     return p
 
 
-USER_ERRORS = (DatasetError, model_lib.ModelError)
+USER_ERRORS = (DatasetError, model_lib.ModelError, losses_lib.LossError)
 
 
 def run_dir(args: argparse.Namespace) -> Path:
+    """RESULTS_DIR/ft_<arch>/<name>, or args.out_dir where a pipeline script sets one."""
+    if getattr(args, "out_dir", None):
+        return Path(args.out_dir)
     return Path(args.results_dir) / f"ft_{args.network_arch}" / args.name
-
-
-def mine_triplets(f: torch.Tensor, pf: torch.Tensor, labels: torch.Tensor, poolsize: int,
-                  generator: torch.Generator | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-    """Cosine scores of each anchor with its hard positive and its hard negative.
-
-    f: (B, D) anchor features, pf: (4B, D) positives (4 per anchor, anchor-major), both L2-normalised.
-    Hard positive: the least similar of the anchor's 4 positives. Hard negative: the most similar
-    sample of another id among a random pool of `poolsize` positives of the whole (all ranks') batch;
-    score 0 when the pool has none. Indices are mined without gradient; the scores carry gradient to
-    all three features (across ranks too).
-    """
-    b = f.shape[0]
-    pos_scores = torch.einsum("bd,bkd->bk", f, pf.view(b, data.NUM_POSITIVES, -1))
-    s_pos = pos_scores.gather(1, pos_scores.detach().argmin(1, keepdim=True)).squeeze(1)
-    all_pf = distributed.gather_with_grad(pf)
-    all_labels = distributed.gather(labels.repeat_interleave(data.NUM_POSITIVES))
-    pool = torch.randperm(all_pf.shape[0], generator=generator)[:poolsize].to(f.device)
-    neg_scores = f @ all_pf[pool].T
-    masked = neg_scores.detach().masked_fill(labels[:, None] == all_labels[pool][None, :], float("-inf"))
-    best, hard = masked.max(1)
-    s_neg = neg_scores.gather(1, hard[:, None]).squeeze(1) * torch.isfinite(best)
-    return s_pos, s_neg
-
-
-def triplet_loss(s_pos: torch.Tensor, s_neg: torch.Tensor, margin: float) -> torch.Tensor:
-    return F.relu(s_neg - s_pos + margin).sum()
 
 
 def make_optimizer(net: nn.Module, lr: float, milestones: list[int]
@@ -140,6 +126,18 @@ def default_model(args: argparse.Namespace, num_classes: int) -> nn.Module:
     return model_lib.ft_net(num_classes, args.network_arch, pretrained=pretrained)
 
 
+def fit_classifier(net: nn.Module, num_classes: int) -> nn.Module:
+    """`net` with a fresh classifier Linear when its class count differs from the training set's
+    (fine-tuning a trained or small model on other or merged data); returns `net`."""
+    old = net.classifier.classifier[0]
+    if old.out_features != num_classes:
+        new = nn.Linear(old.in_features, num_classes).to(old.weight.device)
+        nn.init.normal_(new.weight, std=0.001)
+        nn.init.zeros_(new.bias)
+        net.classifier.classifier[0] = new
+    return net
+
+
 def _ft_net_state(path: str) -> dict | None:
     """The file's state dict when it is an ft_net checkpoint, else None (the ImageNet loader reports
     a missing or unreadable file)."""
@@ -151,62 +149,86 @@ def _ft_net_state(path: str) -> dict | None:
 
 class PairForward(nn.Module):
     """Anchors and positives through the network in two passes (BN statistics per pass, as in the
-    reference) inside one forward, so that DistributedDataParallel sees one forward per backward."""
+    reference) inside one forward, so that DistributedDataParallel sees one forward per backward.
+    Returns (anchor features, positive features, anchor logits, positive logits)."""
 
     def __init__(self, net: nn.Module):
         super().__init__()
         self.net = net
 
-    def forward(self, imgs: torch.Tensor, positives: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        return self.net.extract(imgs), self.net.extract(positives)
+    def forward(self, imgs: torch.Tensor, positives: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        logits, f = self.net(imgs)
+        plogits, pf = self.net(positives)
+        return f, pf, logits, plogits
 
 
 def loss_and_backward(pair: nn.Module, imgs: torch.Tensor, labels: torch.Tensor, positives: torch.Tensor,
                       args: argparse.Namespace, generator: torch.Generator, scaler=None
-                      ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Forward, mining and backward of one batch; returns (this rank's loss, s_pos, s_neg), detached.
+                      ) -> tuple[torch.Tensor, dict]:
+    """Forward, losses and backward of one batch; returns (this rank's loss, detached stats).
 
-    The loss is a sum over the global batch and DDP averages gradients over ranks, so each rank's
-    loss is scaled by the world size: N ranks x batch B give the gradients of 1 process x batch N*B."""
+    Each rank's loss is its share of the global batch's loss and DDP averages gradients over ranks, so
+    the loss is scaled by the world size: N ranks x batch B give the gradients of 1 process x batch N*B."""
     with torch.autocast(imgs.device.type, enabled=scaler is not None):
-        f, pf = pair(imgs, positives)
-    s_pos, s_neg = mine_triplets(f.float(), pf.float(), labels, args.poolsize, generator)
-    loss = triplet_loss(s_pos, s_neg, args.margin)
+        f, pf, logits, plogits = pair(imgs, positives)
+    loss, stats = losses_lib.batch_loss(losses_lib.parse_losses(args.loss), f.float(), pf.float(), logits.float(),
+                                        plogits.float(), labels, args.margin, args.poolsize, generator,
+                                        args.circle_m, args.circle_gamma)
     scaled = loss * distributed.world_size()
     (scaler.scale(scaled) if scaler is not None else scaled).backward()
-    return loss.detach(), s_pos.detach(), s_neg.detach()
+    return loss.detach(), stats
+
+
+def warmup_factor(step: int, warm_steps: int) -> float:
+    """Learning-rate factor at global step `step` (0-based): 0.1 rising linearly to 1 over warm_steps."""
+    return 1.0 if step >= warm_steps else 0.1 + 0.9 * step / warm_steps
 
 
 def train_one_epoch(pair, loader, optimizer, scaler, device, args, epoch: int, generator) -> dict:
+    """One epoch; returns the mean batch loss, the fraction of anchors whose mined triplet satisfies the
+    margin, their mean s_pos - s_neg, the identity accuracy (softmax loss only) and the time taken."""
     pair.train()
     loader.sampler.set_epoch(epoch)
-    totals = torch.zeros(4, dtype=torch.float64)  # loss, correct, margin, n
+    totals = torch.zeros(6, dtype=torch.float64)  # loss, correct, margin, anchors, id correct, batches
+    scheduled = [group["lr"] for group in optimizer.param_groups]
+    warm_steps = args.warm_epoch * len(loader)
     t0 = time.time()
     bar = tqdm(loader, desc=f"epoch {epoch}/{args.Epochs}", leave=False, mininterval=1.0,
                disable=None if distributed.is_main() else True)
-    for imgs, labels, positives in bar:
+    for step, (imgs, labels, positives) in enumerate(bar, (epoch - 1) * len(loader)):
         imgs, labels = imgs.to(device, non_blocking=True), labels.to(device, non_blocking=True)
         positives = positives.to(device, non_blocking=True).flatten(0, 1)
         if args.channels_last and device.type == "cuda":
             imgs, positives = (x.contiguous(memory_format=torch.channels_last) for x in (imgs, positives))
+        for group, lr in zip(optimizer.param_groups, scheduled):
+            group["lr"] = lr * warmup_factor(step, warm_steps)
         optimizer.zero_grad(set_to_none=True)
-        loss, s_pos, s_neg = loss_and_backward(pair, imgs, labels, positives, args, generator, scaler)
+        loss, stats = loss_and_backward(pair, imgs, labels, positives, args, generator, scaler)
         if scaler is not None:
             scaler.step(optimizer)
             scaler.update()
         else:
             optimizer.step()
+        s_pos, s_neg = stats["s_pos"], stats["s_neg"]
         totals += torch.tensor([loss.item(), float((s_pos > s_neg + args.margin).sum()),
-                                float((s_pos - s_neg).sum()), len(labels)], dtype=torch.float64)
+                                float((s_pos - s_neg).sum()), len(labels), float(stats.get("id_correct", 0)), 1],
+                               dtype=torch.float64)
         n = totals[3].item()
-        bar.set_postfix(loss=f"{totals[0].item() / n:.4f}", acc=f"{totals[1].item() / n:.3f}",
+        bar.set_postfix(loss=f"{totals[0].item() / totals[5].item():.4f}", acc=f"{totals[1].item() / n:.3f}",
                         img_s=f"{n * (1 + data.NUM_POSITIVES) / (time.time() - t0):.0f}")
-    loss, correct, margin, n = distributed.sum_over_ranks(totals.tolist(), device)
+    for group, lr in zip(optimizer.param_groups, scheduled):  # the epoch scheduler steps from its own values
+        group["lr"] = lr
+    loss, correct, margin, n, id_correct, batches = distributed.sum_over_ranks(totals.tolist(), device)
     n = max(n, 1)
-    return {"loss": loss / n, "accuracy": correct / n, "mean_margin": margin / n, "seconds": time.time() - t0}
+    world = distributed.world_size()
+    result = {"loss": loss / max(batches / world, 1), "accuracy": correct / n, "mean_margin": margin / n,
+              "seconds": time.time() - t0}
+    if "softmax" in losses_lib.parse_losses(args.loss):
+        result["id_accuracy"] = id_correct / (n * (1 + data.NUM_POSITIVES))
+    return result
 
 
-LOG_FIELDS = ["epoch", "loss", "accuracy", "mean_margin", "lr", "seconds", "note"]
+LOG_FIELDS = ["epoch", "loss", "accuracy", "mean_margin", "id_accuracy", "lr", "seconds", "note"]
 
 
 def write_log(history: list[dict], path: Path) -> None:
@@ -220,10 +242,11 @@ def write_log(history: list[dict], path: Path) -> None:
 def wrap_for_training(net: nn.Module, device: torch.device, args: argparse.Namespace) -> nn.Module:
     """PairForward around the network; under torchrun also SyncBatchNorm (--sync_bn) and DDP.
 
-    The unused torchvision fc and the classifier Linear (kept for checkpoint keys) get no gradient from
-    the triplet loss; they are frozen explicitly, which DDP requires and changes nothing else."""
+    The unused torchvision fc, and the classifier Linear unless the softmax loss trains it, get no
+    gradient; they are frozen explicitly, which DDP requires and changes nothing else."""
+    frozen = ("model.fc.",) if "softmax" in losses_lib.parse_losses(args.loss) else ("model.fc.", "classifier.classifier.")
     for name, p in net.named_parameters():
-        if name.startswith(("model.fc.", "classifier.classifier.")):
+        if name.startswith(frozen):
             p.requires_grad_(False)
     if args.channels_last and device.type == "cuda":
         net = net.to(memory_format=torch.channels_last)
@@ -244,6 +267,7 @@ def train(args: argparse.Namespace, make_hook: Callable[[nn.Module, argparse.Nam
     Under torchrun every rank trains its share of each global batch; the epoch-end hook runs on rank 0,
     whose weights and masks are then broadcast; only rank 0 writes files and prints."""
     model_lib.check_arch(args.network_arch)
+    losses_lib.parse_losses(args.loss)
     out = run_dir(args)
     resume_file = out / "resume.pth"
     if args.resume and not resume_file.is_file():
@@ -251,8 +275,8 @@ def train(args: argparse.Namespace, make_hook: Callable[[nn.Module, argparse.Nam
     device = distributed.setup(args.gpu_ids)
     rank, world, main = distributed.rank(), distributed.world_size(), distributed.is_main()
     utils.seed_everything(args.seed + rank)  # augmentation differs per rank; the model init is broadcast
-    train_dir = Path(args.data_dir) / ("train_all" if args.train_all else "train")
-    loader = data.train_loader(train_dir, args.batchsize, (args.height, args.width), args.workers,
+    train_dirs = [Path(d) / ("train_all" if args.train_all else "train") for d in args.data_dir.split(",") if d]
+    loader = data.train_loader(train_dirs, args.batchsize, (args.height, args.width), args.workers,
                                args.erasing_p, args.color_jitter, pin_memory=device.type == "cuda",
                                seed=args.seed, rank=rank, world=world)
     num_classes = len(loader.dataset.classes)
@@ -288,6 +312,9 @@ def train(args: argparse.Namespace, make_hook: Callable[[nn.Module, argparse.Nam
         options = {k: v for k, v in vars(args).items()}
         options.update(nclasses=num_classes, arch=args.network_arch, method=method, world_size=world)
         utils.save_options(options, out / "opts.yaml")
+        if len(train_dirs) > 1:
+            for source in loader.dataset.sources:
+                print(f"  {source['source']}: {source['ids']} ids, {source['images']} images")
         print(f"{args.network_arch}: {num_classes} classes, {len(loader.dataset)} images, device {device}"
               f"{f' x {world} processes' if world > 1 else ''}, outputs in {out}")
 
@@ -303,7 +330,8 @@ def train(args: argparse.Namespace, make_hook: Callable[[nn.Module, argparse.Nam
         if not main:
             continue
         history.append({"epoch": epoch, **stats, "lr": lr, "note": note})
-        print(f"epoch {epoch}/{args.Epochs} loss {stats['loss']:.4f} acc {stats['accuracy']:.3f} "
+        id_acc = f"id_acc {stats['id_accuracy']:.3f} " if "id_accuracy" in stats else ""
+        print(f"epoch {epoch}/{args.Epochs} loss {stats['loss']:.4f} acc {stats['accuracy']:.3f} {id_acc}"
               f"margin {stats['mean_margin']:.3f} lr {lr:.2e} {stats['seconds']:.1f}s {note}".rstrip(), flush=True)
         if epoch >= args.save_epoch or last:
             weights = hook.weights_to_save(net, epoch, last)

@@ -13,16 +13,37 @@ import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+import model as model_lib  # noqa: E402
 import pruner  # noqa: E402
 import runtime_comparison  # noqa: E402
+import utils  # noqa: E402
 from model import ft_net  # noqa: E402
 from small_model import make_small_model, max_feature_difference  # noqa: E402
+
+
+def compiled_rows(models: dict, repeats: int) -> list[dict]:
+    """Batch-1 latency of each model's feature extractor compiled by inductor with frozen weights."""
+    import torch._inductor.config as inductor_config
+    from onnx_export import FeatureExtractor
+    inductor_config.freezing = True  # constant-folds BN into the convs and prepacks the weights
+    rows = []
+    x = torch.randn(1, 3, 256, 128)
+    for name, net in models.items():
+        compiled = torch.compile(FeatureExtractor(net).eval())
+        with torch.inference_mode():
+            compiled(x)
+            ms = runtime_comparison.median_latency(lambda: compiled(x), 5, repeats, lambda: None)
+        rows.append({"model": f"{name} (compiled)", "params": model_lib.inference_params(net),
+                     "macs": utils.count_macs(net, (256, 128)), "ms_b1": ms})
+    return rows
 
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--threads", type=int, default=None, help="CPU threads (default: torch's)")
     p.add_argument("--repeats", type=int, default=30, help="timed runs per model (median)")
+    p.add_argument("--compile", action="store_true",
+                   help="also time both models compiled by torch.compile (inductor, frozen weights; ~1 min to compile)")
     args = p.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -37,11 +58,17 @@ def main() -> None:
     onnx = ("full", "small") if runtime_comparison.onnx_available() else ()
     rows = runtime_comparison.compare({"full": net, "small": small}, (256, 128), [1], torch.device("cpu"),
                                       warmup=5, repeats=args.repeats, onnx_threads=args.threads, onnx_models=onnx)
+    if args.compile:
+        rows += compiled_rows({"full": net, "small": small}, args.repeats)
+        runtime_comparison.add_ratios(rows, [1])
     print(f"CPU, {torch.get_num_threads()} threads, batch 1, 3x256x128")
     print(runtime_comparison.format_table(rows, [1]))
     by = {r["model"]: r for r in rows}
     ratio = by["small"]["mac_ratio"]
     pairs = [("PyTorch eager", "full", "small")]
+    if args.compile:
+        pairs += [("torch.compile", "full (compiled)", "small (compiled)"),
+                  ("PyTorch eager full -> compiled small", "full", "small (compiled)")]
     if onnx:
         pairs += [("ONNX Runtime", "full (onnxruntime)", "small (onnxruntime)"),
                   ("PyTorch full -> ONNX Runtime small", "full", "small (onnxruntime)")]

@@ -72,14 +72,15 @@ def step_gradients(rank: int, world: int, port: int, batch: dict, out: str) -> N
     torch.set_num_threads(1)
     torch.manual_seed(0)
     net = ft_net(4, "resnet18")
-    args = argparse.Namespace(poolsize=12, margin=0.3, channels_last=False, sync_bn=False)
+    args = argparse.Namespace(poolsize=12, margin=0.3, channels_last=False, sync_bn=False,
+                              loss="triplet+circle+softmax", circle_m=0.25, circle_gamma=64.0)
     pair = train_loop.wrap_for_training(net, torch.device("cpu"), args)  # DDP when world > 1
     pair.eval()  # frozen BN statistics: per-rank batch statistics would differ (use --sync_bn on GPUs)
     b = len(batch["labels"]) // world
     part = slice(rank * b, (rank + 1) * b)
-    loss, _, _ = train_loop.loss_and_backward(pair, batch["imgs"][part], batch["labels"][part],
-                                              batch["positives"][4 * rank * b:4 * (rank + 1) * b], args,
-                                              torch.Generator().manual_seed(5))
+    loss, _ = train_loop.loss_and_backward(pair, batch["imgs"][part], batch["labels"][part],
+                                           batch["positives"][4 * rank * b:4 * (rank + 1) * b], args,
+                                           torch.Generator().manual_seed(5))
     total = distributed.sum_over_ranks([loss.item()], torch.device("cpu"))[0]
     if rank == 0:
         torch.save({"loss": total, "grads": {n: p.grad.clone() for n, p in net.named_parameters()

@@ -6,6 +6,7 @@ import pytest
 import scipy.io
 import torch
 
+import losses
 import train_loop
 from conftest import run_script
 from evaluate_gpu import evaluate
@@ -17,20 +18,20 @@ def test_mining_picks_hardest_positive_and_negative():
     # anchor 0 (id 0) positives at 10, 50, 20, 5 degrees; anchor 1 (id 1) at 80, 85, 30, 89
     pf = torch.tensor([c(10), c(50), c(20), c(5), c(80), c(85), c(30), c(89)], dtype=torch.float32)
     labels = torch.tensor([0, 1])
-    s_pos, s_neg = train_loop.mine_triplets(f, pf, labels, poolsize=8)
+    s_pos, s_neg = losses.mine_triplets(f, pf, labels, poolsize=8)
     assert torch.allclose(s_pos, torch.tensor([np.cos(np.radians(50)), np.cos(np.radians(60))], dtype=torch.float32))
     # anchor 0's hardest negative is anchor 1's positive at 30 deg; anchor 1's is anchor 0's at 50 deg
     assert torch.allclose(s_neg, torch.tensor([np.cos(np.radians(30)), np.cos(np.radians(40))], dtype=torch.float32))
-    loss = train_loop.triplet_loss(s_pos, s_neg, 0.3)
+    loss = losses.triplet_loss(s_pos, s_neg, 0.3)
     assert loss.item() == pytest.approx(float(torch.relu(s_neg - s_pos + 0.3).sum()))
 
 
 def test_mining_without_negative_in_pool_scores_zero_and_keeps_gradient():
     f = torch.nn.functional.normalize(torch.randn(2, 4), dim=1).requires_grad_()
     pf = torch.nn.functional.normalize(torch.randn(8, 4), dim=1)
-    s_pos, s_neg = train_loop.mine_triplets(f, pf, torch.tensor([3, 3]), poolsize=8)
+    s_pos, s_neg = losses.mine_triplets(f, pf, torch.tensor([3, 3]), poolsize=8)
     assert torch.all(s_neg == 0)
-    train_loop.triplet_loss(s_pos, s_neg, 0.3).backward()
+    losses.triplet_loss(s_pos, s_neg, 0.3).backward()
     assert f.grad is not None and f.grad.abs().sum() > 0
 
 

@@ -1,0 +1,268 @@
+"""INT8 quantization of a (small) re-ID model for CPU inference: post-training static quantization with
+calibration on training images, and quantization-aware training (QAT), both exported to ONNX.
+
+    python quantize.py --checkpoint results/ft_resnet18/iter/round_2/net_last.pth \\
+        --data_dir ./datasets/Market/pytorch --train_all --out results/int8            # PTQ only
+    python quantize.py ... --Epochs 3 --lr 0.001                                         # + QAT fine-tuning
+
+Why ONNX Runtime and not torch.ao: torch's eager quantization flow is deprecated, and ONNX Runtime's
+static quantization (QDQ, per-channel symmetric INT8 weights, UINT8 activations calibrated by min/max)
+runs on any x86/ARM CPU through one file. QAT fine-tunes the float model with fake quantization that
+matches that scheme (weights: per output channel, symmetric, [-127, 127]; conv inputs: per tensor,
+UINT8, moving min/max), then the same ONNX Runtime quantizer converts it. Per-channel symmetric
+quantization commutes with the per-channel BN scale folded in at export, so the weights QAT trained
+against are exactly the INT8 weights ONNX Runtime writes.
+
+Writes fp32.onnx, int8_ptq.onnx (and qat/ + int8_qat.onnx) to --out, and prints and saves
+(quantization.csv / .json) the runtime_comparison table: mAP and Rank-1 on --test_dir, file size and
+batch-1 CPU latency, float32 against INT8.
+"""
+from __future__ import annotations
+
+import argparse
+import copy
+import logging
+import os
+import tempfile
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.nn.utils import parametrize
+from torch.utils.data import DataLoader
+
+import data
+import model as model_lib
+import onnx_export
+import runtime_comparison
+import train_loop
+import utils
+from dataset_layout import DatasetError
+from evaluate_gpu import evaluate
+from pruner import PruneError
+from small_model import is_small_state, make_small_model
+
+WEIGHT_QMAX = 127  # symmetric INT8 weights: [-127, 127], as ONNX Runtime's quantizer uses
+ACT_QMIN, ACT_QMAX = 0, 255  # UINT8 activations (the fast U8S8 path on x86)
+
+
+class QuantizationError(Exception):
+    """A user-facing problem (missing onnxruntime, bad calibration data); printed as one line."""
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# ONNX Runtime static quantization
+
+
+def calibration_batches(roots: list[Path], n_images: int, size: tuple[int, int], batch: int = 16,
+                        seed: int = 0) -> list[np.ndarray]:
+    """`n_images` training images (a seeded random choice over all roots), test-transformed, in batches."""
+    dataset = data.AnchorPositives(roots, data.test_transform(size))
+    order = torch.randperm(len(dataset), generator=torch.Generator().manual_seed(seed))[:n_images].tolist()
+    images = [dataset.transform(data.load_rgb(dataset.samples[i][0])) for i in order]
+    return [torch.stack(images[s:s + batch]).numpy() for s in range(0, len(images), batch)]
+
+
+def quantize_onnx(fp32_path: Path, int8_path: Path, batches: list[np.ndarray], reduce_range: bool = False) -> Path:
+    """Static INT8 quantization (QDQ, per-channel weights) of an ONNX model, calibrated on `batches`."""
+    try:
+        from onnxruntime.quantization import (CalibrationDataReader, QuantFormat, QuantType, quant_pre_process,
+                                              quantize_static)
+    except ImportError:
+        raise QuantizationError("INT8 quantization needs onnxruntime (pip install -r requirements.txt)") from None
+
+    class Reader(CalibrationDataReader):
+        def __init__(self):
+            self.batches = iter(batches)
+
+        def get_next(self):
+            x = next(self.batches, None)
+            return None if x is None else {"images": x}
+
+    logging.getLogger().setLevel(logging.ERROR)  # per-channel axis notes about the BN neck's 1-d weight
+    with tempfile.TemporaryDirectory() as tmp:
+        prepared = Path(tmp) / "prepared.onnx"  # BN folded into the convs, graph optimised
+        quant_pre_process(str(fp32_path), str(prepared), skip_symbolic_shape=True)
+        with utils.atomic_path(int8_path) as tmp_out:
+            quantize_static(str(prepared), str(tmp_out), Reader(), quant_format=QuantFormat.QDQ, per_channel=True,
+                            activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8, reduce_range=reduce_range)
+    return int8_path
+
+
+def onnx_features(session, dataset: torch.utils.data.Dataset, batch_size: int = 64) -> torch.Tensor:
+    """f(x) + f(flip(x)), L2-normalised, as test.py computes them, but from an ONNX Runtime session."""
+    out = []
+    for imgs in DataLoader(dataset, batch_size=batch_size, shuffle=False):
+        f = sum(session.run(None, {"images": x.numpy()})[0] for x in (imgs, imgs.flip(3)))
+        out.append(F.normalize(torch.from_numpy(f), dim=1))
+    return torch.cat(out)
+
+
+def cosine_similarity(session_a, session_b, images: np.ndarray) -> np.ndarray:
+    """Per-image cosine similarity of two sessions' features."""
+    a, b = (torch.from_numpy(s.run(None, {"images": images})[0]) for s in (session_a, session_b))
+    return F.cosine_similarity(a, b, dim=1).numpy()
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Quantization-aware training: fake quantization matching the scheme above
+
+
+class WeightFakeQuant(nn.Module):
+    """Parametrization of a conv weight: per-output-channel symmetric INT8 round trip (straight-through)."""
+
+    def forward(self, w: torch.Tensor) -> torch.Tensor:
+        scale = w.detach().flatten(1).abs().amax(1).clamp(min=1e-12) / WEIGHT_QMAX
+        zero = torch.zeros_like(scale, dtype=torch.int32)
+        return torch.fake_quantize_per_channel_affine(w, scale, zero, 0, -WEIGHT_QMAX, WEIGHT_QMAX)
+
+
+class InputFakeQuant(nn.Module):
+    """A conv's input through a UINT8 round trip whose range follows a moving min/max (training) or is
+    frozen (eval); the range always contains 0, as ONNX Runtime's asymmetric ranges do. Identity until
+    a training-mode batch has set the range."""
+
+    def __init__(self, momentum: float = 0.01):
+        super().__init__()
+        self.momentum = momentum
+        self.register_buffer("lo", torch.zeros(()))
+        self.register_buffer("hi", torch.zeros(()))
+        self.register_buffer("seen", torch.zeros((), dtype=torch.bool))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.training:
+            lo, hi = x.detach().min().clamp(max=0), x.detach().max().clamp(min=0)
+            if self.seen:
+                lo, hi = torch.lerp(self.lo, lo, self.momentum), torch.lerp(self.hi, hi, self.momentum)
+            self.lo.copy_(lo)
+            self.hi.copy_(hi)
+            self.seen.fill_(True)
+        elif not self.seen:  # no range observed yet: nothing to imitate
+            return x
+        scale = ((self.hi - self.lo) / (ACT_QMAX - ACT_QMIN)).clamp(min=1e-8)
+        zero = (ACT_QMIN - torch.round(self.lo / scale)).clamp(ACT_QMIN, ACT_QMAX).int()
+        return torch.fake_quantize_per_tensor_affine(x, scale, zero, ACT_QMIN, ACT_QMAX)
+
+
+def prepare_qat(net: nn.Module) -> nn.Module:
+    """Fake quantization on every conv's weight and input, in place; returns `net`."""
+    for conv in [m for m in net.modules() if isinstance(m, nn.Conv2d)]:
+        parametrize.register_parametrization(conv, "weight", WeightFakeQuant())
+        conv.input_quant = InputFakeQuant()
+        conv.register_forward_pre_hook(lambda mod, args: (mod.input_quant(args[0]),) + tuple(args[1:]))
+    return net
+
+
+def float_state_dict(net: nn.Module) -> dict:
+    """The float weights of a QAT model under the plain model's keys (fake-quant state dropped)."""
+    state = {}
+    for key, value in net.state_dict().items():
+        if ".input_quant." in key:
+            continue
+        state[key.replace(".parametrizations.weight.original", ".weight")] = value.detach().clone()
+    return state
+
+
+class FloatWeights(train_loop.EpochEndHook):
+    """Saves QAT checkpoints as plain small-model state dicts (loadable by test.py and this script)."""
+
+    def weights_to_save(self, net: nn.Module, epoch: int, last: bool) -> dict:
+        return float_state_dict(net)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The script
+
+
+def get_args_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--checkpoint", required=True,
+                   help="a small-model checkpoint (test_small.py, iterative_compress.py), or a zeroed or full "
+                        "ft_net one (its all-zero filters are removed first)")
+    p.add_argument("--out", default=None, help="output folder (default: <checkpoint>_int8/ beside it)")
+    p.add_argument("--test_dir", default=None,
+                   help="dataset whose query/gallery give mAP and Rank-1 (default: the first --data_dir)")
+    p.add_argument("--calib_images", type=int, default=256, help="training images used for calibration")
+    p.add_argument("--reduce_range", action="store_true",
+                   help="7-bit weights: avoids U8S8 saturation on x86 CPUs without VNNI, if accuracy drops")
+    p.add_argument("--threads", type=int, default=None, help="CPU threads for ONNX Runtime timing")
+    p.add_argument("--repeats", type=int, default=30, help="timed batch-1 runs (the median is reported)")
+    train_loop.add_training_args(p, lr=0.001)
+    p.set_defaults(Epochs=0, milestones="", save_epoch=10 ** 9, name="qat")
+    return p
+
+
+def load_small(path: str | os.PathLike) -> nn.Module:
+    """A small model from any checkpoint kind: small as saved, or zeroed / full ft_net shrunk by its zero filters."""
+    state = model_lib.load_checkpoint(path)
+    net = model_lib.model_from_state_dict(state)
+    return net if is_small_state(state) else make_small_model(net)
+
+
+def qat_finetune(small: nn.Module, args: argparse.Namespace, out: Path) -> nn.Module:
+    """Fine-tune a copy of `small` with fake quantization for args.Epochs epochs; returns the float model."""
+    def build(a: argparse.Namespace, num_classes: int) -> nn.Module:
+        net = train_loop.fit_classifier(copy.deepcopy(small), num_classes)
+        return prepare_qat(net)
+    args = argparse.Namespace(**vars(args))
+    args.network_arch, args.out_dir = small.arch, str(out / "qat")
+    trained = train_loop.train(args, make_hook=lambda net, a: FloatWeights(), build_model=build, method="qat")
+    return model_lib.model_from_state_dict(float_state_dict(trained))
+
+
+def evaluate_session(session, test_dir: Path, size: tuple[int, int]) -> dict:
+    transform = data.test_transform(size)
+    query, gallery = (data.ReidImages(test_dir / split, transform) for split in ("query", "gallery"))
+    qf, gf = onnx_features(session, query), onnx_features(session, gallery)
+    return evaluate(qf, query.labels, query.cams, gf, gallery.labels, gallery.cams, device="cpu")
+
+
+def table_row(name: str, path: Path, net: nn.Module, size: tuple[int, int], test_dir: Path | None,
+              threads: int | None, repeats: int) -> dict:
+    session = onnx_export.onnx_session(path, threads)
+    row = {"model": name, "params": model_lib.inference_params(net), "macs": utils.count_macs(net, size),
+           "size_mb": path.stat().st_size / 1e6}
+    if test_dir is not None:
+        result = evaluate_session(session, test_dir, size)
+        row.update(mAP=result["mAP"], R1=result["rank1"])
+    x = torch.randn(1, 3, *size, generator=torch.Generator().manual_seed(0)).numpy()
+    row["ms_b1"] = runtime_comparison.median_latency(lambda: session.run(None, {"images": x}), 5, repeats,
+                                                     lambda: None)
+    return row
+
+
+def main(args: argparse.Namespace) -> list[dict]:
+    if not runtime_comparison.onnx_available():
+        raise QuantizationError("INT8 quantization needs onnxruntime, onnx and onnxscript "
+                                "(pip install -r requirements.txt)")
+    small = load_small(args.checkpoint).eval()
+    size = (args.height, args.width)
+    out = Path(args.out or Path(args.checkpoint).with_suffix("").as_posix() + "_int8")
+    out.mkdir(parents=True, exist_ok=True)
+    roots = [Path(d) / ("train_all" if args.train_all else "train") for d in args.data_dir.split(",") if d]
+    test_dir = Path(args.test_dir or args.data_dir.split(",")[0])
+    batches = calibration_batches(roots, args.calib_images, size, seed=args.seed)
+    fp32 = onnx_export.export_onnx(small, out / "fp32.onnx", size)
+    models = [("small fp32 (onnxruntime)", fp32, small),
+              ("small int8 PTQ (onnxruntime)", quantize_onnx(fp32, out / "int8_ptq.onnx", batches, args.reduce_range),
+               small)]
+    if args.Epochs > 0:
+        tuned = qat_finetune(small, args, out).eval()
+        qat_fp32 = onnx_export.export_onnx(tuned, out / "qat_fp32.onnx", size)
+        models.append(("small int8 QAT (onnxruntime)",
+                       quantize_onnx(qat_fp32, out / "int8_qat.onnx", batches, args.reduce_range), tuned))
+    rows = [table_row(name, path, net, size, test_dir, args.threads, args.repeats) for name, path, net in models]
+    runtime_comparison.add_ratios(rows, [1])
+    print(f"{args.checkpoint}: {small.arch} at {size[0]}x{size[1]}, CPU batch 1, calibrated on "
+          f"{sum(len(b) for b in batches)} training images")
+    print(runtime_comparison.format_table(rows, [1]))
+    runtime_comparison.write_outputs(rows, out / "quantization")
+    print(f"wrote {out}/quantization.csv and .json")
+    return rows
+
+
+if __name__ == "__main__":
+    utils.run_main(main, get_args_parser().parse_args(),
+                   train_loop.USER_ERRORS + (QuantizationError, PruneError, DatasetError))
