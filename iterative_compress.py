@@ -31,7 +31,7 @@ import train_loop
 import utils
 from dataset_layout import DatasetError
 from evaluate_gpu import evaluate
-from small_model import is_small_state, make_small_model
+from small_model import load_small_model, make_small_model
 
 
 def get_args_parser() -> argparse.ArgumentParser:
@@ -91,12 +91,6 @@ def finetune(small: nn.Module, args: argparse.Namespace, out: Path) -> nn.Module
                             method=f"iterative-{args.criterion}")
 
 
-def load_start(path: str) -> nn.Module:
-    state = model_lib.load_checkpoint(path)
-    net = model_lib.model_from_state_dict(state)
-    return net if is_small_state(state) else make_small_model(net)  # zeroed filters go first
-
-
 def format_rounds(rounds: list[dict]) -> str:
     lines = [f"{'round':>5s} {'params (M)':>10s} {'GMACs':>8s} {'mAP':>6s} {'R1':>6s}"]
     lines += [f"{r['round']:5d} {r['params'] / 1e6:10.3f} {r['macs'] / 1e9:8.4f} {r['mAP']:6.3f} {r['R1']:6.3f}"
@@ -112,10 +106,10 @@ def main(args: argparse.Namespace) -> list[dict]:
     if args.resume and metrics_file.is_file():
         rounds = json.loads(metrics_file.read_text())
         done = rounds[-1]["round"]
-        net = load_start(rounds[-1]["checkpoint"]) if done else load_start(args.checkpoint)
+        net = load_small_model(rounds[-1]["checkpoint"]) if done else load_small_model(args.checkpoint)
         print(f"resuming {out} after round {done}")
     else:
-        net, rounds = load_start(args.checkpoint), []
+        net, rounds = load_small_model(args.checkpoint), []
         rounds.append({"round": 0, **measure(net, args, device), "checkpoint": str(args.checkpoint)})
         utils.write_text_atomic(json.dumps(rounds, indent=2), metrics_file)
     for k in range(rounds[-1]["round"] + 1, args.rounds + 1):

@@ -46,8 +46,9 @@ def export_onnx(net: nn.Module, path: str | os.PathLike, input_size: tuple[int, 
     return path
 
 
-def onnx_session(path: str | os.PathLike, threads: int | None = None):
-    """An ONNX Runtime CPU session, or None when onnxruntime is not installed."""
+def onnx_session(path: str | os.PathLike, threads: int | None = None, spinning: bool = True):
+    """An ONNX Runtime CPU session, or None when onnxruntime is not installed. spinning=False stops idle
+    worker threads from busy-waiting (needed when several sessions are timed in turns)."""
     try:
         import onnxruntime as ort
     except ImportError:
@@ -55,6 +56,8 @@ def onnx_session(path: str | os.PathLike, threads: int | None = None):
     options = ort.SessionOptions()
     if threads:
         options.intra_op_num_threads = threads
+    if not spinning:
+        options.add_session_config_entry("session.intra_op.allow_spinning", "0")
     return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
 
 

@@ -22,7 +22,6 @@ from __future__ import annotations
 import argparse
 import copy
 import logging
-import os
 import tempfile
 from pathlib import Path
 
@@ -42,7 +41,7 @@ import utils
 from dataset_layout import DatasetError
 from evaluate_gpu import evaluate
 from pruner import PruneError
-from small_model import is_small_state, make_small_model
+from small_model import load_small_model, make_deploy_model
 
 WEIGHT_QMAX = 127  # symmetric INT8 weights: [-127, 127], as ONNX Runtime's quantizer uses
 ACT_QMIN, ACT_QMAX = 0, 255  # UINT8 activations (the fast U8S8 path on x86)
@@ -194,13 +193,6 @@ def get_args_parser() -> argparse.ArgumentParser:
     return p
 
 
-def load_small(path: str | os.PathLike) -> nn.Module:
-    """A small model from any checkpoint kind: small as saved, or zeroed / full ft_net shrunk by its zero filters."""
-    state = model_lib.load_checkpoint(path)
-    net = model_lib.model_from_state_dict(state)
-    return net if is_small_state(state) else make_small_model(net)
-
-
 def qat_finetune(small: nn.Module, args: argparse.Namespace, out: Path) -> nn.Module:
     """Fine-tune a copy of `small` with fake quantization for args.Epochs epochs; returns the float model."""
     def build(a: argparse.Namespace, num_classes: int) -> nn.Module:
@@ -219,42 +211,49 @@ def evaluate_session(session, test_dir: Path, size: tuple[int, int]) -> dict:
     return evaluate(qf, query.labels, query.cams, gf, gallery.labels, gallery.cams, device="cpu")
 
 
-def table_row(name: str, path: Path, net: nn.Module, size: tuple[int, int], test_dir: Path | None,
-              threads: int | None, repeats: int) -> dict:
-    session = onnx_export.onnx_session(path, threads)
-    row = {"model": name, "params": model_lib.inference_params(net), "macs": utils.count_macs(net, size),
-           "size_mb": path.stat().st_size / 1e6}
-    if test_dir is not None:
-        result = evaluate_session(session, test_dir, size)
-        row.update(mAP=result["mAP"], R1=result["rank1"])
+def table_rows(models: list[tuple[str, Path, nn.Module]], size: tuple[int, int], test_dir: Path | None,
+               threads: int | None, repeats: int) -> list[dict]:
+    """runtime_comparison rows for ONNX files: params, MACs, file size, mAP / Rank-1, batch-1 latency
+    (the sessions timed in turns)."""
+    rows, runners = [], {}
     x = torch.randn(1, 3, *size, generator=torch.Generator().manual_seed(0)).numpy()
-    row["ms_b1"] = runtime_comparison.median_latency(lambda: session.run(None, {"images": x}), 5, repeats,
-                                                     lambda: None)
-    return row
+    for name, path, net in models:
+        session = onnx_export.onnx_session(path, threads, spinning=False)
+        row = {"model": name, "params": model_lib.inference_params(net), "macs": utils.count_macs(net, size),
+               "size_mb": path.stat().st_size / 1e6}
+        if test_dir is not None:
+            result = evaluate_session(session, test_dir, size)
+            row.update(mAP=result["mAP"], R1=result["rank1"])
+        rows.append(row)
+        runners[name] = lambda s=session: s.run(None, {"images": x})
+    latency = runtime_comparison.median_latencies(runners, 5, repeats)
+    for row in rows:
+        row["ms_b1"] = latency[row["model"]]
+    return runtime_comparison.add_ratios(rows, [1])
 
 
 def main(args: argparse.Namespace) -> list[dict]:
     if not runtime_comparison.onnx_available():
         raise QuantizationError("INT8 quantization needs onnxruntime, onnx and onnxscript "
                                 "(pip install -r requirements.txt)")
-    small = load_small(args.checkpoint).eval()
+    small = load_small_model(args.checkpoint).eval()
     size = (args.height, args.width)
     out = Path(args.out or Path(args.checkpoint).with_suffix("").as_posix() + "_int8")
     out.mkdir(parents=True, exist_ok=True)
     roots = [Path(d) / ("train_all" if args.train_all else "train") for d in args.data_dir.split(",") if d]
     test_dir = Path(args.test_dir or args.data_dir.split(",")[0])
     batches = calibration_batches(roots, args.calib_images, size, seed=args.seed)
-    fp32 = onnx_export.export_onnx(small, out / "fp32.onnx", size)
-    models = [("small fp32 (onnxruntime)", fp32, small),
+    deploy = make_deploy_model(small)  # the fastest form, same features (see small_model.py)
+    fp32 = onnx_export.export_onnx(deploy, out / "fp32.onnx", size)
+    models = [("small fp32 (onnxruntime)", fp32, deploy),
               ("small int8 PTQ (onnxruntime)", quantize_onnx(fp32, out / "int8_ptq.onnx", batches, args.reduce_range),
-               small)]
+               deploy)]
     if args.Epochs > 0:
-        tuned = qat_finetune(small, args, out).eval()
+        tuned = make_deploy_model(qat_finetune(small, args, out).eval())
         qat_fp32 = onnx_export.export_onnx(tuned, out / "qat_fp32.onnx", size)
         models.append(("small int8 QAT (onnxruntime)",
                        quantize_onnx(qat_fp32, out / "int8_qat.onnx", batches, args.reduce_range), tuned))
-    rows = [table_row(name, path, net, size, test_dir, args.threads, args.repeats) for name, path, net in models]
-    runtime_comparison.add_ratios(rows, [1])
+    rows = table_rows(models, size, test_dir, args.threads, args.repeats)
     print(f"{args.checkpoint}: {small.arch} at {size[0]}x{size[1]}, CPU batch 1, calibrated on "
           f"{sum(len(b) for b in batches)} training images")
     print(runtime_comparison.format_table(rows, [1]))

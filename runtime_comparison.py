@@ -1,4 +1,4 @@
-"""Latency of the full, the zeroed and the small model (and full and small under ONNX Runtime).
+"""Latency of the full, the zeroed, the small model and its deployment form (and under ONNX Runtime).
 
     python runtime_comparison.py --name bafd_r50 --NonL1                 # CPU, batch 1 and 32
     python runtime_comparison.py --name hfp_r18 --prune_rate 0.5 --threads 1 --device cpu
@@ -26,7 +26,7 @@ import test as test_lib
 import utils
 from dataset_layout import DatasetError
 from pruner import PruneError
-from small_model import small_from_checkpoint
+from small_model import make_deploy_model, small_from_checkpoint
 
 
 def get_args_parser() -> argparse.ArgumentParser:
@@ -48,47 +48,54 @@ def get_args_parser() -> argparse.ArgumentParser:
     return p
 
 
-def median_latency(fn: Callable[[], object], warmup: int, repeats: int, sync: Callable[[], None]) -> float:
-    """Median wall time of fn() in milliseconds."""
-    for _ in range(warmup):
-        fn()
+def median_latencies(fns: dict[str, Callable[[], object]], warmup: int, repeats: int,
+                     sync: Callable[[], None] = lambda: None) -> dict[str, float]:
+    """Median wall time of each fn() in milliseconds, timed in turns (one run of each per round), so
+    that load drifting on a shared machine during the measurement affects all of them alike."""
+    for fn in fns.values():
+        for _ in range(warmup):
+            fn()
     sync()
-    times = []
+    times = {name: [] for name in fns}
     for _ in range(repeats):
-        t0 = time.perf_counter()
-        fn()
-        sync()
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times) * 1e3
+        for name, fn in fns.items():
+            t0 = time.perf_counter()
+            fn()
+            sync()
+            times[name].append(time.perf_counter() - t0)
+    return {name: statistics.median(t) * 1e3 for name, t in times.items()}
 
 
 def compare(models: dict[str, torch.nn.Module], input_size: tuple[int, int], batch_sizes: list[int],
             device: torch.device, warmup: int, repeats: int, onnx_threads: int | None = None,
             onnx_models: tuple[str, ...] = ()) -> list[dict]:
-    """One row per model (and per model also run under ONNX Runtime): params, MACs, MAC ratio and
-    latency per batch size; MAC ratio and speed-up are relative to the first model."""
+    """One row per model (and per model named in onnx_models also run under ONNX Runtime): params,
+    MACs, MAC ratio, file size of the ONNX models and latency per batch size; MAC ratio and speed-up
+    are relative to the first model. All rows of one batch size are timed in turns."""
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
-    rows = []
+    rows, runners = [], {}
+    inputs = {b: torch.randn(b, 3, *input_size, device=device) for b in batch_sizes}
     for name, net in models.items():
         net = net.eval().to(device)
-        row = {"model": name, "params": model_lib.inference_params(net), "macs": utils.count_macs(net, input_size)}
-        for b in batch_sizes:
-            x = torch.randn(b, 3, *input_size, device=device)
-            with torch.inference_mode():
-                row[f"ms_b{b}"] = median_latency(lambda: net.extract(x), warmup, repeats, sync)
-        rows.append(row)
-    for name in onnx_models:
-        import onnx_export
-        source = next(r for r in rows if r["model"] == name)
-        row = {"model": f"{name} (onnxruntime)", "params": source["params"], "macs": source["macs"]}
-        with tempfile.TemporaryDirectory() as tmp:
-            session = onnx_export.onnx_session(onnx_export.export_onnx(models[name], Path(tmp) / "m.onnx", input_size),
-                                               onnx_threads)
+        rows.append({"model": name, "params": model_lib.inference_params(net),
+                     "macs": utils.count_macs(net, input_size)})
+        runners[name] = {b: (lambda net=net, x=x: net.extract(x)) for b, x in inputs.items()}
+    with tempfile.TemporaryDirectory() as tmp:
+        for name in onnx_models:
+            import onnx_export
+            source = next(r for r in rows if r["model"] == name)
+            path = onnx_export.export_onnx(models[name], Path(tmp) / f"{len(runners)}.onnx", input_size)
+            # no spinning: idle worker threads of one session would take the cores from the next one timed
+            session = onnx_export.onnx_session(path, onnx_threads, spinning=False)
+            row = {**source, "model": f"{name} (onnxruntime)", "size_mb": path.stat().st_size / 1e6}
+            rows.append(row)
+            runners[row["model"]] = {b: (lambda s=session, x=x.cpu().numpy(): s.run(None, {"images": x}))
+                                     for b, x in inputs.items()}
+        with torch.inference_mode():
             for b in batch_sizes:
-                x = torch.randn(b, 3, *input_size).numpy()
-                row[f"ms_b{b}"] = median_latency(lambda: session.run(None, {"images": x}), warmup, repeats,
-                                                 lambda: None)
-        rows.append(row)
+                ms = median_latencies({name: fns[b] for name, fns in runners.items()}, warmup, repeats, sync)
+                for row in rows:
+                    row[f"ms_b{b}"] = ms[row["model"]]
     return add_ratios(rows, batch_sizes)
 
 
@@ -122,7 +129,8 @@ def format_table(rows: list[dict], batch_sizes: list[int]) -> str:
 
 def write_outputs(rows: list[dict], stem: Path) -> None:
     buf = io.StringIO()
-    writer = csv.DictWriter(buf, list(rows[0]))
+    fields = list(dict.fromkeys(key for row in rows for key in row))  # rows may lack optional columns
+    writer = csv.DictWriter(buf, fields)
     writer.writeheader()
     writer.writerows(rows)
     utils.write_text_atomic(buf.getvalue(), stem.with_suffix(".csv"))
@@ -146,11 +154,11 @@ def main(args: argparse.Namespace) -> list[dict]:
         torch.set_num_threads(args.threads)
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     full = model_lib.ft_net(model_lib.num_classes(state), small.arch)
-    models = {"full": full, "zeroed": zeroed, "small": small}
+    models = {"full": full, "zeroed": zeroed, "small": small, "small deploy": make_deploy_model(small)}
     size, batch_sizes = (args.height, args.width), [int(b) for b in args.batch_sizes.split(",")]
     use_onnx = not args.no_onnx and device.type == "cpu" and onnx_available()
     rows = compare(models, size, batch_sizes, device, args.warmup, args.repeats, args.threads,
-                   ("full", "small") if use_onnx else ())
+                   ("full", "small", "small deploy") if use_onnx else ())
     print(f"{run}: {small.arch} at {size[0]}x{size[1]} on {device}"
           f"{f' ({torch.get_num_threads()} threads)' if device.type == 'cpu' else ''}")
     print(format_table(rows, batch_sizes))

@@ -130,6 +130,14 @@ def is_small_state(state: dict) -> bool:
     return any(k.endswith(".out_index") for k in state)
 
 
+def load_small_model(path) -> nn.Module:
+    """A small model from any checkpoint kind: a small one as saved, a zeroed or full ft_net without its
+    all-zero filters. One-line ModelError for a missing or corrupt file."""
+    state = model_lib.load_checkpoint(path)
+    net = model_lib.model_from_state_dict(state)
+    return net if is_small_state(state) else make_small_model(net)
+
+
 def small_model_from_state_dict(state: dict) -> nn.Module:
     """Rebuild a small model from its own state dict (arch, class count and kept filters read from it)."""
     arch = model_lib.infer_arch(state)
@@ -144,6 +152,73 @@ def small_model_from_state_dict(state: dict) -> nn.Module:
     except RuntimeError as e:
         raise model_lib.ModelError(f"small-model checkpoint does not fit {arch}: {str(e).splitlines()[0]}") from None
     return small
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Deployment shape: what runs fastest, computing exactly the same features
+
+
+def expand_small_model(small: nn.Module) -> nn.Module:
+    """The zeroed full-size ft_net that computes what `small` computes (the inverse of make_small_model;
+    inner filters take the first positions of their layer, block outputs their own channels)."""
+    arch = small.arch
+    full = model_lib.ft_net(small.classifier.classifier[0].out_features, arch).to(next(small.parameters()).device)
+    full.train(small.training)
+    position = {}
+    for layer in pruner.pruned_convs(arch):
+        block = small.get_submodule(layer.block) if layer.block else None
+        n = small.get_submodule(layer.conv).out_channels
+        position[layer.conv] = block.out_index if layer.is_block_output and isinstance(block, PrunedBlock) \
+            else torch.arange(n)
+    rows = {layer.conv: position[layer.conv] for layer in pruner.pruned_convs(arch)}
+    rows.update({layer.bn: position[layer.conv] for layer in pruner.pruned_convs(arch)})
+    cols = {c: position[layer.conv] for layer in pruner.pruned_convs(arch) for c in layer.consumers}
+    small_state = small.state_dict()
+    state = full.state_dict()
+    with torch.no_grad():
+        for key, value in state.items():
+            module, _, name = key.rpartition(".")
+            src = small_state.get(key)
+            if src is None or src.shape == value.shape or name == "num_batches_tracked":
+                if src is not None:
+                    value.copy_(src)
+                continue
+            value.fill_(1.0 if name == "running_var" else 0.0)
+            r = rows.get(module, torch.arange(value.shape[0])).to(value.device)
+            if value.dim() == 4:
+                c = cols.get(module, torch.arange(value.shape[1])).to(value.device)
+                value[r[:, None], c] = src
+            else:
+                value[r] = src
+    return full
+
+
+def deploy_kept(net: nn.Module, kept: dict[str, torch.Tensor], align: int) -> dict[str, torch.Tensor]:
+    """`kept` padded for fast kernels: every pruned conv keeps a multiple of `align` filters (zero ones
+    fill up; CPU convolution kernels work in blocks of 8 or 16 channels), and a bottleneck's last 1x1
+    conv keeps its full width (zero filters instead of a channel scatter: a few more MACs, since its
+    input is pruned, but a plain residual add that runtimes fuse into the conv)."""
+    modules = dict(net.named_modules())
+    out = {}
+    for layer in pruner.pruned_convs(net.arch):
+        n, idx = modules[layer.conv].out_channels, kept[layer.weight].cpu()
+        if layer.is_block_output and net.arch == "resnet50":
+            out[layer.weight] = torch.arange(n)
+            continue
+        target = min(n, -(-len(idx) // align) * align)
+        unused = torch.ones(n, dtype=torch.bool)
+        unused[idx] = False
+        extra = torch.nonzero(unused).squeeze(1)[:target - len(idx)]
+        out[layer.weight] = torch.sort(torch.cat([idx, extra])).values
+    return out
+
+
+def make_deploy_model(net: nn.Module, align: int = 8) -> nn.Module:
+    """The inference form of a pruned network: a small model with zero filters added where that makes
+    it faster (see deploy_kept). `net` is a zeroed ft_net or a small model; features stay the same."""
+    zeroed = expand_small_model(net) if any(isinstance(m, PrunedBlock) for m in net.modules()) else net
+    kept = kept_filters(zeroed, zeroed.arch, zero_filters(zeroed, zeroed.arch))
+    return make_small_model(zeroed, deploy_kept(zeroed, kept, align))  # the added filters are zero ones
 
 
 # ---------------------------------------------------------------------------------------------------------------

@@ -55,6 +55,31 @@ def test_small_equals_zeroed(arch, seed):
         assert torch.equal(reloaded.eval().extract(x), small.eval().extract(x))
 
 
+@pytest.mark.parametrize("arch", ["resnet18", "resnet34", "resnet50"])
+def test_deploy_form_computes_the_same_features_with_aligned_widths(arch):
+    net = random_zeroed(arch, 4)
+    small = make_small_model(net)
+    from small_model import PrunedBlock, expand_small_model, make_deploy_model
+    expanded = expand_small_model(small).eval()
+    assert type(expanded) is type(net) and max_feature_difference(net, expanded, SIZE) < 1e-5
+    deploy, again = make_deploy_model(net), make_deploy_model(small)
+    for form in (deploy, again):
+        assert max_feature_difference(net, form, SIZE) < 1e-5
+    assert deploy.state_dict().keys() == again.state_dict().keys()
+    for layer in pruner.pruned_convs(arch):
+        full_width = net.get_submodule(layer.conv).out_channels
+        kept = small.get_submodule(layer.conv).out_channels
+        width = deploy.get_submodule(layer.conv).out_channels
+        if layer.is_block_output and arch == "resnet50":
+            assert width == full_width  # dense bottleneck output: a plain residual add, no scatter
+        else:
+            assert width == min(full_width, -(-kept // 8) * 8), layer.conv
+    if arch == "resnet50":
+        blocks = [m for m in deploy.modules() if isinstance(m, PrunedBlock)]
+        assert all(torch.equal(b.out_index, torch.arange(b.width)) for b in blocks)
+    assert max_feature_difference(deploy, small_model_from_state_dict(deploy.state_dict()), SIZE) == 0.0
+
+
 def test_small_model_trains():
     small = make_small_model(random_zeroed("resnet18", 3)).train()
     _, f = small(torch.randn(4, 3, *SIZE))
@@ -157,6 +182,6 @@ def test_runtime_comparison_writes_its_table(zeroed_run):
     assert res.returncode == 0, res.stderr
     import json
     rows = json.loads((root / "ft_resnet18" / "z" / "runtime_last_cpu.json").read_text())
-    assert [r["model"] for r in rows] == ["full", "zeroed", "small"]
+    assert [r["model"] for r in rows] == ["full", "zeroed", "small", "small deploy"]
     assert rows[2]["mac_ratio"] > 1 and rows[0]["speedup_b1"] == 1
     assert "MAC ratio" in res.stdout
