@@ -23,14 +23,12 @@ from pathlib import Path
 import torch
 from torch import nn
 
-import data
 import model as model_lib
 import pruner
 import test as test_lib
 import train_loop
 import utils
 from dataset_layout import DatasetError
-from evaluate_gpu import evaluate
 from small_model import load_small_model, make_small_model
 
 
@@ -71,16 +69,10 @@ def prune_and_shrink(net: nn.Module, args: argparse.Namespace) -> nn.Module:
 def measure(net: nn.Module, args: argparse.Namespace, device: torch.device) -> dict:
     """Params, MACs, mAP and Rank-1 of `net` on the test dataset."""
     size = (args.height, args.width)
-    transform = data.test_transform(size)
-    test_dir = Path(args.test_dir or args.data_dir.split(",")[0])
-    feats = {}
-    for split in ("query", "gallery"):
-        images = data.ReidImages(test_dir / split, transform)
-        feats[split] = (test_lib.extract_features(net.to(device), images, device, 128, args.workers, split),
-                        images.labels, images.cams)
-    result = evaluate(*feats["query"], *feats["gallery"], device=device)
-    return {"params": model_lib.inference_params(net), "macs": utils.count_macs(net, size),
-            "mAP": result["mAP"], "R1": result["rank1"]}
+    net = net.to(device)
+    accuracy = test_lib.reid_accuracy(lambda images: test_lib.extract_features(net, images, device, 128, args.workers),
+                                      args.test_dir or args.data_dir.split(",")[0], size)
+    return {"params": model_lib.inference_params(net), "macs": utils.count_macs(net, size), **accuracy}
 
 
 def finetune(small: nn.Module, args: argparse.Namespace, out: Path) -> nn.Module:

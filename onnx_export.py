@@ -6,7 +6,9 @@ import warnings
 from pathlib import Path
 
 import torch
+import torch.nn.functional as F
 from torch import nn
+from torch.utils.data import DataLoader, Dataset
 
 from model import ModelError
 
@@ -72,3 +74,12 @@ def onnx_max_difference(net: nn.Module, path: str | os.PathLike, input_size: tup
         expected = net.extract(x).numpy()
     got = session.run(None, {"images": x.numpy()})[0]
     return float(abs(got - expected).max())
+
+
+def onnx_features(session, dataset: Dataset, batch_size: int = 64) -> torch.Tensor:
+    """f(x) + f(flip(x)), L2-normalised, as test.py computes them, but from an ONNX Runtime session."""
+    out = []
+    for imgs in DataLoader(dataset, batch_size=batch_size, shuffle=False):
+        f = sum(session.run(None, {"images": x.numpy()})[0] for x in (imgs, imgs.flip(3)))
+        out.append(F.normalize(torch.from_numpy(f), dim=1))
+    return torch.cat(out)

@@ -30,16 +30,15 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 from torch.nn.utils import parametrize
-from torch.utils.data import DataLoader
 
 import data
 import model as model_lib
 import onnx_export
 import runtime_comparison
+import test as test_lib
 import train_loop
 import utils
 from dataset_layout import DatasetError
-from evaluate_gpu import evaluate
 from pruner import PruneError
 from small_model import load_small_model, make_deploy_model
 
@@ -53,6 +52,11 @@ class QuantizationError(Exception):
 
 # ---------------------------------------------------------------------------------------------------------------
 # ONNX Runtime static quantization
+
+
+def training_roots(data_dir: str, train_all: bool) -> list[Path]:
+    """The training image folders of one or several (comma-separated) prepared datasets."""
+    return [Path(d) / ("train_all" if train_all else "train") for d in str(data_dir).split(",") if d]
 
 
 def calibration_batches(roots: list[Path], n_images: int, size: tuple[int, int], batch: int = 16,
@@ -88,15 +92,6 @@ def quantize_onnx(fp32_path: Path, int8_path: Path, batches: list[np.ndarray], r
             quantize_static(str(prepared), str(tmp_out), Reader(), quant_format=QuantFormat.QDQ, per_channel=True,
                             activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8, reduce_range=reduce_range)
     return int8_path
-
-
-def onnx_features(session, dataset: torch.utils.data.Dataset, batch_size: int = 64) -> torch.Tensor:
-    """f(x) + f(flip(x)), L2-normalised, as test.py computes them, but from an ONNX Runtime session."""
-    out = []
-    for imgs in DataLoader(dataset, batch_size=batch_size, shuffle=False):
-        f = sum(session.run(None, {"images": x.numpy()})[0] for x in (imgs, imgs.flip(3)))
-        out.append(F.normalize(torch.from_numpy(f), dim=1))
-    return torch.cat(out)
 
 
 def cosine_similarity(session_a, session_b, images: np.ndarray) -> np.ndarray:
@@ -204,13 +199,6 @@ def qat_finetune(small: nn.Module, args: argparse.Namespace, out: Path) -> nn.Mo
     return model_lib.model_from_state_dict(float_state_dict(trained))
 
 
-def evaluate_session(session, test_dir: Path, size: tuple[int, int]) -> dict:
-    transform = data.test_transform(size)
-    query, gallery = (data.ReidImages(test_dir / split, transform) for split in ("query", "gallery"))
-    qf, gf = onnx_features(session, query), onnx_features(session, gallery)
-    return evaluate(qf, query.labels, query.cams, gf, gallery.labels, gallery.cams, device="cpu")
-
-
 def table_rows(models: list[tuple[str, Path, nn.Module]], size: tuple[int, int], test_dir: Path | None,
                threads: int | None, repeats: int) -> list[dict]:
     """runtime_comparison rows for ONNX files: params, MACs, file size, mAP / Rank-1, batch-1 latency
@@ -222,8 +210,8 @@ def table_rows(models: list[tuple[str, Path, nn.Module]], size: tuple[int, int],
         row = {"model": name, "params": model_lib.inference_params(net), "macs": utils.count_macs(net, size),
                "size_mb": path.stat().st_size / 1e6}
         if test_dir is not None:
-            result = evaluate_session(session, test_dir, size)
-            row.update(mAP=result["mAP"], R1=result["rank1"])
+            row.update(test_lib.reid_accuracy(lambda images, s=session: onnx_export.onnx_features(s, images),
+                                              test_dir, size))
         rows.append(row)
         runners[name] = lambda s=session: s.run(None, {"images": x})
     latency = runtime_comparison.median_latencies(runners, 5, repeats)
@@ -240,7 +228,7 @@ def main(args: argparse.Namespace) -> list[dict]:
     size = (args.height, args.width)
     out = Path(args.out or Path(args.checkpoint).with_suffix("").as_posix() + "_int8")
     out.mkdir(parents=True, exist_ok=True)
-    roots = [Path(d) / ("train_all" if args.train_all else "train") for d in args.data_dir.split(",") if d]
+    roots = training_roots(args.data_dir, args.train_all)
     test_dir = Path(args.test_dir or args.data_dir.split(",")[0])
     batches = calibration_batches(roots, args.calib_images, size, seed=args.seed)
     deploy = make_deploy_model(small)  # the fastest form, same features (see small_model.py)

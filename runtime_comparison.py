@@ -45,6 +45,14 @@ def get_args_parser() -> argparse.ArgumentParser:
     p.add_argument("--repeats", type=int, default=20, help="timed runs (the median is reported)")
     p.add_argument("--no_onnx", action="store_true",
                    help="skip the ONNX Runtime rows (they need onnxruntime and onnxscript, and run on the CPU)")
+    p.add_argument("--int8", action="store_true",
+                   help="add the small model quantized to INT8 (quantize.py's static quantization of the deploy "
+                        "form, written as RUN/net_<epoch>_small_int8.onnx)")
+    p.add_argument("--calib_dir", default=None,
+                   help="--int8: prepared dataset(s) whose training images calibrate (default: the run's --data_dir)")
+    p.add_argument("--calib_images", type=int, default=256, help="--int8: number of calibration images")
+    p.add_argument("--test_dir", default=None,
+                   help="also report mAP and Rank-1 of every row on this prepared dataset's query/gallery")
     return p
 
 
@@ -68,29 +76,41 @@ def median_latencies(fns: dict[str, Callable[[], object]], warmup: int, repeats:
 
 def compare(models: dict[str, torch.nn.Module], input_size: tuple[int, int], batch_sizes: list[int],
             device: torch.device, warmup: int, repeats: int, onnx_threads: int | None = None,
-            onnx_models: tuple[str, ...] = ()) -> list[dict]:
-    """One row per model (and per model named in onnx_models also run under ONNX Runtime): params,
-    MACs, MAC ratio, file size of the ONNX models and latency per batch size; MAC ratio and speed-up
-    are relative to the first model. All rows of one batch size are timed in turns."""
+            onnx_models: tuple[str, ...] = (), extra_onnx: dict[str, tuple[Path, torch.nn.Module]] | None = None,
+            test_dir: str | Path | None = None) -> list[dict]:
+    """One row per model, per model named in onnx_models also run under ONNX Runtime, and per ready ONNX
+    file in extra_onnx ({row name: (path, the model it computes)}, e.g. an INT8 one): params, MACs, MAC
+    ratio, size of the ONNX files, mAP and Rank-1 on test_dir (when given) and latency per batch size.
+    MAC ratio and speed-up are relative to the first model. All rows of one batch size are timed in turns."""
+    import onnx_export
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
-    rows, runners = [], {}
+    rows, runners, features = [], {}, {}
     inputs = {b: torch.randn(b, 3, *input_size, device=device) for b in batch_sizes}
+
+    def add_onnx(name: str, path: Path, net: torch.nn.Module) -> None:
+        # no spinning: idle worker threads of one session would take the cores from the next one timed
+        session = onnx_export.onnx_session(path, onnx_threads, spinning=False)
+        rows.append({"model": name, "params": model_lib.inference_params(net),
+                     "macs": utils.count_macs(net, input_size), "size_mb": path.stat().st_size / 1e6})
+        runners[name] = {b: (lambda x=x.cpu().numpy(): session.run(None, {"images": x})) for b, x in inputs.items()}
+        features[name] = lambda images: onnx_export.onnx_features(session, images)
+
     for name, net in models.items():
         net = net.eval().to(device)
         rows.append({"model": name, "params": model_lib.inference_params(net),
                      "macs": utils.count_macs(net, input_size)})
         runners[name] = {b: (lambda net=net, x=x: net.extract(x)) for b, x in inputs.items()}
+        features[name] = lambda images, net=net, name=name: test_lib.extract_features(net, images, device, 64, 0,
+                                                                                       name)
     with tempfile.TemporaryDirectory() as tmp:
         for name in onnx_models:
-            import onnx_export
-            source = next(r for r in rows if r["model"] == name)
-            path = onnx_export.export_onnx(models[name], Path(tmp) / f"{len(runners)}.onnx", input_size)
-            # no spinning: idle worker threads of one session would take the cores from the next one timed
-            session = onnx_export.onnx_session(path, onnx_threads, spinning=False)
-            row = {**source, "model": f"{name} (onnxruntime)", "size_mb": path.stat().st_size / 1e6}
-            rows.append(row)
-            runners[row["model"]] = {b: (lambda s=session, x=x.cpu().numpy(): s.run(None, {"images": x}))
-                                     for b, x in inputs.items()}
+            add_onnx(f"{name} (onnxruntime)", onnx_export.export_onnx(models[name], Path(tmp) / f"{len(rows)}.onnx",
+                                                                      input_size), models[name])
+        for name, (path, net) in (extra_onnx or {}).items():
+            add_onnx(name, Path(path), net)
+        if test_dir is not None:
+            for row in rows:
+                row.update(test_lib.reid_accuracy(features[row["model"]], test_dir, input_size))
         with torch.inference_mode():
             for b in batch_sizes:
                 ms = median_latencies({name: fns[b] for name, fns in runners.items()}, warmup, repeats, sync)
@@ -146,6 +166,21 @@ def onnx_available() -> bool:
         return False
 
 
+def int8_file(run: Path, deploy: torch.nn.Module, args: argparse.Namespace, size: tuple[int, int]) -> Path:
+    """RUN/net_<epoch>_small_int8.onnx: the deploy form statically quantized, calibrated on training images."""
+    import onnx_export
+    import quantize
+    opts = utils.load_options(run / "opts.yaml") if (run / "opts.yaml").is_file() else {}
+    source = args.calib_dir or opts.get("data_dir")
+    if not source:
+        raise DatasetError("--int8 needs calibration images: pass --calib_dir DATASET/pytorch")
+    batches = quantize.calibration_batches(quantize.training_roots(source, bool(opts.get("train_all", True))),
+                                           args.calib_images, size)
+    with tempfile.TemporaryDirectory() as tmp:
+        fp32 = onnx_export.export_onnx(deploy, Path(tmp) / "fp32.onnx", size)
+        return quantize.quantize_onnx(fp32, run / f"net_{args.which_epoch}_small_int8.onnx", batches)
+
+
 def main(args: argparse.Namespace) -> list[dict]:
     run = test_lib.find_run(args.name, args.results_dir)
     state = model_lib.load_checkpoint(run / f"net_{args.which_epoch}.pth")
@@ -157,8 +192,12 @@ def main(args: argparse.Namespace) -> list[dict]:
     models = {"full": full, "zeroed": zeroed, "small": small, "small deploy": make_deploy_model(small)}
     size, batch_sizes = (args.height, args.width), [int(b) for b in args.batch_sizes.split(",")]
     use_onnx = not args.no_onnx and device.type == "cpu" and onnx_available()
+    extra = {}
+    if args.int8 and use_onnx:
+        extra["small deploy int8 (onnxruntime)"] = (int8_file(run, models["small deploy"], args, size),
+                                                     models["small deploy"])
     rows = compare(models, size, batch_sizes, device, args.warmup, args.repeats, args.threads,
-                   ("full", "small", "small deploy") if use_onnx else ())
+                   ("full", "small", "small deploy") if use_onnx else (), extra, args.test_dir)
     print(f"{run}: {small.arch} at {size[0]}x{size[1]} on {device}"
           f"{f' ({torch.get_num_threads()} threads)' if device.type == 'cpu' else ''}")
     print(format_table(rows, batch_sizes))

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 import scipy.io
@@ -22,7 +23,7 @@ import distributed
 import model as model_lib
 import utils
 from dataset_layout import DatasetError
-from evaluate_gpu import EvaluationError
+from evaluate_gpu import EvaluationError, evaluate
 
 
 def get_args_parser() -> argparse.ArgumentParser:
@@ -74,6 +75,16 @@ def extract_features(net: torch.nn.Module, dataset: torch.utils.data.Dataset, de
         f = net.extract(imgs) + net.extract(imgs.flip(3))
         out.append(torch.nn.functional.normalize(f, dim=1).float().cpu())
     return torch.cat([s for shard in distributed.all_gather_object(out) for s in shard])
+
+
+def reid_accuracy(features: Callable[[torch.utils.data.Dataset], torch.Tensor], test_dir: str | Path,
+                  size: tuple[int, int]) -> dict:
+    """mAP and Rank-1 (reference protocol) of a feature function over a dataset's query and gallery."""
+    transform = data.test_transform(size)
+    query, gallery = (data.ReidImages(Path(test_dir) / split, transform) for split in ("query", "gallery"))
+    result = evaluate(features(query), query.labels, query.cams, features(gallery), gallery.labels, gallery.cams,
+                      device="cpu")
+    return {"mAP": result["mAP"], "R1": result["rank1"]}
 
 
 def load_run_model(run: Path, which_epoch: str) -> tuple[torch.nn.Module, dict]:

@@ -5,6 +5,7 @@ import scipy.io
 import torch
 
 import pruner
+import runtime_comparison
 import utils
 from conftest import run_script
 from model import ft_net, inference_params
@@ -185,3 +186,24 @@ def test_runtime_comparison_writes_its_table(zeroed_run):
     assert [r["model"] for r in rows] == ["full", "zeroed", "small", "small deploy"]
     assert rows[2]["mac_ratio"] > 1 and rows[0]["speedup_b1"] == 1
     assert "MAC ratio" in res.stdout
+
+
+@pytest.mark.skipif(not runtime_comparison.onnx_available(), reason="onnxruntime/onnxscript not installed")
+def test_runtime_comparison_int8_row_and_accuracy(zeroed_run, synthetic_market):
+    root, _ = zeroed_run
+    res = run_script("runtime_comparison.py", "--name", "z", "--results_dir", root, "--NonL1", "--height", "64",
+                     "--width", "32", "--repeats", "2", "--warmup", "1", "--batch_sizes", "1", "--int8",
+                     "--calib_dir", synthetic_market / "pytorch", "--calib_images", "16",
+                     "--test_dir", synthetic_market / "pytorch")
+    assert res.returncode == 0, res.stderr
+    import json
+    run = root / "ft_resnet18" / "z"
+    rows = {r["model"]: r for r in json.loads((run / "runtime_last_cpu.json").read_text())}
+    assert list(rows) == ["full", "zeroed", "small", "small deploy", "full (onnxruntime)", "small (onnxruntime)",
+                          "small deploy (onnxruntime)", "small deploy int8 (onnxruntime)"]
+    same = [rows[m]["mAP"] for m in ("zeroed", "small", "small deploy", "small deploy (onnxruntime)")]
+    assert max(same) - min(same) < 1e-6  # one network, four implementations
+    assert (run / "net_last_small_int8.onnx").is_file()
+    int8, fp32 = rows["small deploy int8 (onnxruntime)"], rows["small deploy (onnxruntime)"]
+    assert fp32["size_mb"] / int8["size_mb"] >= 3 and 0 <= int8["mAP"] <= 1
+    assert "size (MB)" in res.stdout and "mAP" in res.stdout
