@@ -134,8 +134,8 @@ class BalancedSampler(Sampler[int]):
         return self.steps * self.batch_size
 
 
-def train_loader(root: str | os.PathLike | list[str | os.PathLike], batch_size: int, size: tuple[int, int], workers: int,
-                 erasing_p: float = 0.0, color_jitter: bool = False, pin_memory: bool = False,
+def train_loader(root: str | os.PathLike | list[str | os.PathLike], batch_size: int, size: tuple[int, int],
+                 workers: int, erasing_p: float = 0.0, color_jitter: bool = False, pin_memory: bool = False,
                  seed: int = 0, rank: int = 0, world: int = 1) -> DataLoader:
     dataset = AnchorPositives(root, train_transform(size, erasing_p, color_jitter))
     if len(dataset) < batch_size * world:

@@ -47,7 +47,7 @@ ACT_QMIN, ACT_QMAX = 0, 255  # UINT8 activations (the fast U8S8 path on x86)
 
 
 class QuantizationError(Exception):
-    """A user-facing problem (missing onnxruntime, bad calibration data); printed as one line."""
+    """A user-facing problem (missing onnxruntime, no calibration images); printed as one line."""
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -84,13 +84,20 @@ def quantize_onnx(fp32_path: Path, int8_path: Path, batches: list[np.ndarray], r
             x = next(self.batches, None)
             return None if x is None else {"images": x}
 
-    logging.getLogger().setLevel(logging.ERROR)  # per-channel axis notes about the BN neck's 1-d weight
-    with tempfile.TemporaryDirectory() as tmp:
-        prepared = Path(tmp) / "prepared.onnx"  # BN folded into the convs, graph optimised
-        quant_pre_process(str(fp32_path), str(prepared), skip_symbolic_shape=True)
-        with utils.atomic_path(int8_path) as tmp_out:
-            quantize_static(str(prepared), str(tmp_out), Reader(), quant_format=QuantFormat.QDQ, per_channel=True,
-                            activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8, reduce_range=reduce_range)
+    if not batches:
+        raise QuantizationError("no calibration images (--calib_images must be at least 1)")
+    root, level = logging.getLogger(), logging.getLogger().level
+    root.setLevel(logging.ERROR)  # the quantizer warns about the BN neck's 1-d weight having no channel axis
+    try:
+        with tempfile.TemporaryDirectory() as tmp:
+            prepared = Path(tmp) / "prepared.onnx"  # BN folded into the convs, graph optimised
+            quant_pre_process(str(fp32_path), str(prepared), skip_symbolic_shape=True)
+            with utils.atomic_path(int8_path) as tmp_out:
+                quantize_static(str(prepared), str(tmp_out), Reader(), quant_format=QuantFormat.QDQ,
+                                per_channel=True, activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8,
+                                reduce_range=reduce_range)
+    finally:
+        root.setLevel(level)
     return int8_path
 
 
@@ -183,7 +190,12 @@ def get_args_parser() -> argparse.ArgumentParser:
                    help="7-bit weights: avoids U8S8 saturation on x86 CPUs without VNNI, if accuracy drops")
     p.add_argument("--threads", type=int, default=None, help="CPU threads for ONNX Runtime timing")
     p.add_argument("--repeats", type=int, default=30, help="timed batch-1 runs (the median is reported)")
-    train_loop.add_training_args(p, lr=0.001)
+    unused = "not used (outputs go to --out)"
+    train_loop.add_training_args(p, lr=0.001, help_overrides={
+        "--Epochs": "quantization-aware fine-tuning epochs (0: post-training quantization only)",
+        "--resume": "continue an interrupted QAT fine-tuning in OUT/qat/", "--prune_rate": "not used",
+        "--name": unused, "--results_dir": unused, "--network_arch": "not used (read from the checkpoint)",
+        "--pretrained": "not used (--checkpoint gives the weights)", "--no_pretrained": "not used"})
     p.set_defaults(Epochs=0, milestones="", save_epoch=10 ** 9, name="qat")
     return p
 

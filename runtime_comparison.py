@@ -208,4 +208,6 @@ def main(args: argparse.Namespace) -> list[dict]:
 
 
 if __name__ == "__main__":
-    utils.run_main(main, get_args_parser().parse_args(), (DatasetError, model_lib.ModelError, PruneError))
+    from quantize import QuantizationError
+    utils.run_main(main, get_args_parser().parse_args(),
+                   (DatasetError, model_lib.ModelError, PruneError, QuantizationError))

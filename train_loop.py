@@ -44,23 +44,28 @@ class EpochEndHook:
 
 
 def add_training_args(parser: argparse.ArgumentParser, lr: float = 0.01,
-                      prune_help: str = "fraction of filters removed") -> argparse.ArgumentParser:
-    """The reference training flags shared by the four train scripts, plus our additions."""
+                      help_overrides: dict[str, str] | None = None) -> argparse.ArgumentParser:
+    """The reference training flags shared by the four train scripts, plus our additions. A pipeline
+    script that gives a flag another meaning passes its help text in help_overrides ({flag: text})."""
     p = parser
+    helps = help_overrides or {}
     p.add_argument("--gpu_ids", default="0", help="GPU id(s), e.g. 0; the CPU is used when CUDA is absent")
-    p.add_argument("--name", default="ft_ResNet", help="run name: outputs go to RESULTS_DIR/ft_<arch>/<name>/")
+    p.add_argument("--name", default="ft_ResNet",
+                   help=helps.get("--name", "run name: outputs go to RESULTS_DIR/ft_<arch>/<name>/"))
     p.add_argument("--data_dir", default="./datasets/Market/pytorch",
                    help="a prepared dataset's pytorch/ folder, or several comma-separated ones trained on together "
                         "(identities relabelled so that datasets never share a label)")
     p.add_argument("--train_all", action="store_true", help="train on train_all (train + val) instead of train")
     p.add_argument("--batchsize", type=int, default=32, help="anchors per batch (each brings 4 positives)")
     p.add_argument("--lr", type=float, default=lr, help="learning rate of the head; the backbone uses 0.1 * lr")
-    p.add_argument("--Epochs", type=int, default=70, help="number of training epochs")
+    p.add_argument("--Epochs", type=int, default=70, help=helps.get("--Epochs", "number of training epochs"))
     p.add_argument("--milestones", default="40,60", help="epochs at which the learning rate is multiplied by 0.1")
     p.add_argument("--save_epoch", type=int, default=60,
                    help="save net_<epoch>.pth from this (1-based) epoch on; net_last.pth is always saved")
-    p.add_argument("--network_arch", default="resnet50", help="resnet18, resnet34 or resnet50")
-    p.add_argument("--prune_rate", type=float, default=0.9, help=prune_help)
+    p.add_argument("--network_arch", default="resnet50",
+                   help=helps.get("--network_arch", "resnet18, resnet34 or resnet50"))
+    p.add_argument("--prune_rate", type=float, default=0.9,
+                   help=helps.get("--prune_rate", "fraction of filters removed"))
     p.add_argument("--erasing_p", type=float, default=0.0, help="random erasing probability (0 = off)")
     p.add_argument("--color_jitter", action="store_true", help="use colour jitter in training")
     p.add_argument("--poolsize", type=int, default=128, help="hard negatives are mined among this many positives")
@@ -73,11 +78,14 @@ def add_training_args(parser: argparse.ArgumentParser, lr: float = 0.01,
     p.add_argument("--warm_epoch", type=int, default=0,
                    help="linear learning-rate warm-up over the first N epochs, per step from 0.1 x lr (0 = off)")
     p.add_argument("--pretrained_dir", "--pretrained", dest="pretrained", default=None,
-                   help="starting weights: a torchvision ImageNet state dict for the backbone, or a trained "
-                        "ft_net checkpoint (default: ImageNet weights from torchvision's local cache)")
-    p.add_argument("--no_pretrained", action="store_true", help="train from random initialisation")
+                   help=helps.get("--pretrained", "starting weights: a torchvision ImageNet state dict for the "
+                                  "backbone, or a trained ft_net checkpoint (default: ImageNet weights from "
+                                  "torchvision's local cache)"))
+    p.add_argument("--no_pretrained", action="store_true",
+                   help=helps.get("--no_pretrained", "train from random initialisation"))
     p.add_argument("--seed", type=int, default=0, help="random seed (data order, augmentation, mining, init)")
-    p.add_argument("--resume", action="store_true", help="continue RESULTS_DIR/ft_<arch>/<name>/ from resume.pth")
+    p.add_argument("--resume", action="store_true",
+                   help=helps.get("--resume", "continue RESULTS_DIR/ft_<arch>/<name>/ from resume.pth"))
     p.add_argument("--workers", type=int, default=4, help="data-loading worker processes")
     p.add_argument("--height", type=int, default=256, help="input height (256 in the paper)")
     p.add_argument("--width", type=int, default=128, help="input width (128 in the paper)")
@@ -85,7 +93,7 @@ def add_training_args(parser: argparse.ArgumentParser, lr: float = 0.01,
     p.add_argument("--channels_last", action="store_true", help="channels-last memory format on CUDA")
     p.add_argument("--sync_bn", action="store_true",
                    help="under torchrun on GPUs: BN statistics over all ranks' batches (SyncBatchNorm)")
-    p.add_argument("--results_dir", default="./results", help="root folder of all runs")
+    p.add_argument("--results_dir", default="./results", help=helps.get("--results_dir", "root folder of all runs"))
     return p
 
 
@@ -244,7 +252,8 @@ def wrap_for_training(net: nn.Module, device: torch.device, args: argparse.Names
 
     The unused torchvision fc, and the classifier Linear unless the softmax loss trains it, get no
     gradient; they are frozen explicitly, which DDP requires and changes nothing else."""
-    frozen = ("model.fc.",) if "softmax" in losses_lib.parse_losses(args.loss) else ("model.fc.", "classifier.classifier.")
+    softmax = "softmax" in losses_lib.parse_losses(args.loss)
+    frozen = ("model.fc.",) if softmax else ("model.fc.", "classifier.classifier.")
     for name, p in net.named_parameters():
         if name.startswith(frozen):
             p.requires_grad_(False)

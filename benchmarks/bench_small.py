@@ -58,7 +58,8 @@ def compiled_rows(models: dict, repeats: int) -> list[dict]:
     with torch.inference_mode():
         ms = runtime_comparison.median_latencies({name: (lambda c=c: c(x)) for name, c in compiled.items()}, 5, repeats)
     return [{"model": f"{name} (compiled)", "params": model_lib.inference_params(net),
-             "macs": utils.count_macs(net, (256, 128)), "ms_b1": ms[f"{name} (compiled)"]} for name, net in models.items()]
+             "macs": utils.count_macs(net, (256, 128)), "ms_b1": ms[f"{name} (compiled)"]}
+            for name, net in models.items()]
 
 
 def main() -> None:
