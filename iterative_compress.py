@@ -43,12 +43,10 @@ def get_args_parser() -> argparse.ArgumentParser:
     p.add_argument("--max_lrate", type=float, default=0.95, help="BAFD: most a layer may lose in one round")
     p.add_argument("--test_dir", default=None,
                    help="dataset whose query/gallery give the per-round mAP and Rank-1 (default: first --data_dir)")
-    unused = "not used (outputs go to --out)"
     train_loop.add_training_args(p, lr=0.01, help_overrides={
+        **train_loop.PIPELINE_UNUSED_FLAGS,
         "--prune_rate": "fraction of each layer's remaining filters removed per round",
-        "--Epochs": "fine-tuning epochs per round", "--resume": "carry on after the last finished round in --out",
-        "--name": unused, "--results_dir": unused, "--network_arch": "not used (read from the checkpoint)",
-        "--pretrained": "not used (--checkpoint gives the weights)", "--no_pretrained": "not used"})
+        "--Epochs": "fine-tuning epochs per round", "--resume": "carry on after the last finished round in --out"})
     p.set_defaults(Epochs=10, milestones="", save_epoch=10 ** 9, prune_rate=0.3)
     return p
 

@@ -190,12 +190,10 @@ def get_args_parser() -> argparse.ArgumentParser:
                    help="7-bit weights: avoids U8S8 saturation on x86 CPUs without VNNI, if accuracy drops")
     p.add_argument("--threads", type=int, default=None, help="CPU threads for ONNX Runtime timing")
     p.add_argument("--repeats", type=int, default=30, help="timed batch-1 runs (the median is reported)")
-    unused = "not used (outputs go to --out)"
     train_loop.add_training_args(p, lr=0.001, help_overrides={
+        **train_loop.PIPELINE_UNUSED_FLAGS, "--prune_rate": "not used",
         "--Epochs": "quantization-aware fine-tuning epochs (0: post-training quantization only)",
-        "--resume": "continue an interrupted QAT fine-tuning in OUT/qat/", "--prune_rate": "not used",
-        "--name": unused, "--results_dir": unused, "--network_arch": "not used (read from the checkpoint)",
-        "--pretrained": "not used (--checkpoint gives the weights)", "--no_pretrained": "not used"})
+        "--resume": "continue an interrupted QAT fine-tuning in OUT/qat/"})
     p.set_defaults(Epochs=0, milestones="", save_epoch=10 ** 9, name="qat")
     return p
 

@@ -97,6 +97,11 @@ def add_training_args(parser: argparse.ArgumentParser, lr: float = 0.01,
     return p
 
 
+# The flags that pipeline scripts (iterative_compress.py, quantize.py: from --checkpoint into --out) leave unused.
+PIPELINE_UNUSED_FLAGS = {"--name": "not used (outputs go to --out)", "--results_dir": "not used (outputs go to --out)",
+                         "--network_arch": "not used (read from the checkpoint)",
+                         "--pretrained": "not used (--checkpoint gives the weights)", "--no_pretrained": "not used"}
+
 USER_ERRORS = (DatasetError, model_lib.ModelError, losses_lib.LossError)
 
 
