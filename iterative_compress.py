@@ -29,7 +29,7 @@ import test as test_lib
 import train_loop
 import utils
 from dataset_layout import DatasetError
-from small_model import load_small_model, make_small_model
+from small_model import kept_filters, load_small_model, make_small_model
 
 
 def get_args_parser() -> argparse.ArgumentParser:
@@ -60,13 +60,7 @@ def round_rates(net: nn.Module, args: argparse.Namespace) -> dict[str, float]:
 def prune_and_shrink(net: nn.Module, args: argparse.Namespace) -> nn.Module:
     """A physically smaller copy of `net` without the filters the criterion selects this round."""
     selected = pruner.select_layers(net, round_rates(net, args), args.criterion, args.knn, efficient=True)
-    modules = dict(net.named_modules())
-    kept = {}
-    for layer in pruner.pruned_convs(net.arch):
-        mask = torch.ones(modules[layer.conv].out_channels, dtype=torch.bool)
-        mask[selected[layer.weight]] = False
-        kept[layer.weight] = torch.nonzero(mask).squeeze(1)
-    return make_small_model(net, kept)
+    return make_small_model(net, kept_filters(net, net.arch, selected))
 
 
 def measure(net: nn.Module, args: argparse.Namespace, device: torch.device) -> dict:
@@ -100,9 +94,8 @@ def main(args: argparse.Namespace) -> list[dict]:
     device = utils.select_device(args.gpu_ids)
     if args.resume and metrics_file.is_file():
         rounds = json.loads(metrics_file.read_text())
-        done = rounds[-1]["round"]
-        net = load_small_model(rounds[-1]["checkpoint"]) if done else load_small_model(args.checkpoint)
-        print(f"resuming {out} after round {done}")
+        net = load_small_model(rounds[-1]["checkpoint"])  # round 0's is --checkpoint
+        print(f"resuming {out} after round {rounds[-1]['round']}")
     else:
         net, rounds = load_small_model(args.checkpoint), []
         rounds.append({"round": 0, **measure(net, args, device), "checkpoint": str(args.checkpoint)})
