@@ -162,12 +162,12 @@ def test_qat_model_saves_plain_weights():
 
 @pytest.fixture(scope="module")
 def trained_checkpoint(tmp_path_factory, synthetic_market):
-    """A ResNet-18 trained for a few epochs at 128x64: quantization error is judged on real features."""
+    """A ResNet-18 trained for a few epochs at 96x48: quantization error is judged on real features."""
     import train_loop
     out = tmp_path_factory.mktemp("trained")
     args = train_loop.add_training_args(argparse.ArgumentParser()).parse_args(
         ["--data_dir", str(synthetic_market / "pytorch"), "--train_all", "--network_arch", "resnet18",
-         "--no_pretrained", "--Epochs", "4", "--batchsize", "8", "--height", "128", "--width", "64", "--workers", "0",
+         "--no_pretrained", "--Epochs", "4", "--batchsize", "8", "--height", "96", "--width", "48", "--workers", "0",
          "--lr", "0.1", "--results_dir", str(out), "--name", "run"])
     torch.manual_seed(0)
     train_loop.train(args)
@@ -179,7 +179,7 @@ def test_int8_model_is_close_to_float_and_much_smaller(synthetic_market, trained
     out = tmp_path / "int8"
     args = quantize.get_args_parser().parse_args(
         ["--checkpoint", str(trained_checkpoint), "--out", str(out), "--data_dir", str(synthetic_market / "pytorch"),
-         "--train_all", "--height", "128", "--width", "64", "--workers", "0", "--batchsize", "8", "--Epochs", "1",
+         "--train_all", "--height", "96", "--width", "48", "--workers", "0", "--batchsize", "8", "--Epochs", "1",
          "--calib_images", "48", "--repeats", "3"])
     rows = quantize.main(args)
     names = [r["model"] for r in rows]
@@ -188,7 +188,7 @@ def test_int8_model_is_close_to_float_and_much_smaller(synthetic_market, trained
     assert all(fp32 / r["size_mb"] >= 3 for r in rows[1:])
     assert all(0 <= r["mAP"] <= 1 and 0 <= r["R1"] <= 1 for r in rows)
     assert rows[1]["mAP"] > rows[0]["mAP"] - 0.1  # INT8 keeps the accuracy
-    images = np.concatenate(quantize.calibration_batches([synthetic_market / "pytorch" / "gallery"], 32, (128, 64),
+    images = np.concatenate(quantize.calibration_batches([synthetic_market / "pytorch" / "gallery"], 32, (96, 48),
                                                          seed=9))
     from onnx_export import onnx_session
     for a, b in (("fp32", "int8_ptq"), ("qat_fp32", "int8_qat")):
