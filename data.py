@@ -55,6 +55,11 @@ def dataset_name(root: str | os.PathLike) -> str:
     return root.parent.name if root.name == "pytorch" else root.name
 
 
+def training_dirs(data_dir: str, train_all: bool) -> list[Path]:
+    """The train/ (or train_all/) folders of one or several comma-separated prepared datasets."""
+    return [Path(d) / ("train_all" if train_all else "train") for d in str(data_dir).split(",") if d]
+
+
 def scan_sources(roots: list[str | os.PathLike]) -> tuple[list[str], list[tuple[Path, int]], list[dict]]:
     """Several image folders merged into one label space: (class names, samples, per-source summary).
 

@@ -35,7 +35,6 @@ import data
 import model as model_lib
 import onnx_export
 import runtime_comparison
-import test as test_lib
 import train_loop
 import utils
 from dataset_layout import DatasetError
@@ -52,11 +51,6 @@ class QuantizationError(Exception):
 
 # ---------------------------------------------------------------------------------------------------------------
 # ONNX Runtime static quantization
-
-
-def training_roots(data_dir: str, train_all: bool) -> list[Path]:
-    """The training image folders of one or several (comma-separated) prepared datasets."""
-    return [Path(d) / ("train_all" if train_all else "train") for d in str(data_dir).split(",") if d]
 
 
 def calibration_batches(roots: list[Path], n_images: int, size: tuple[int, int], batch: int = 16,
@@ -209,27 +203,6 @@ def qat_finetune(small: nn.Module, args: argparse.Namespace, out: Path) -> nn.Mo
     return model_lib.model_from_state_dict(float_state_dict(trained))
 
 
-def table_rows(models: list[tuple[str, Path, nn.Module]], size: tuple[int, int], test_dir: Path | None,
-               threads: int | None, repeats: int) -> list[dict]:
-    """runtime_comparison rows for ONNX files: params, MACs, file size, mAP / Rank-1, batch-1 latency
-    (the sessions timed in turns)."""
-    rows, runners = [], {}
-    x = torch.randn(1, 3, *size, generator=torch.Generator().manual_seed(0)).numpy()
-    for name, path, net in models:
-        session = onnx_export.onnx_session(path, threads, spinning=False)
-        row = {"model": name, "params": model_lib.inference_params(net), "macs": utils.count_macs(net, size),
-               "size_mb": path.stat().st_size / 1e6}
-        if test_dir is not None:
-            row.update(test_lib.reid_accuracy(lambda images, s=session: onnx_export.onnx_features(s, images),
-                                              test_dir, size))
-        rows.append(row)
-        runners[name] = lambda s=session: s.run(None, {"images": x})
-    latency = runtime_comparison.median_latencies(runners, 5, repeats)
-    for row in rows:
-        row["ms_b1"] = latency[row["model"]]
-    return runtime_comparison.add_ratios(rows, [1])
-
-
 def main(args: argparse.Namespace) -> list[dict]:
     if not runtime_comparison.onnx_available():
         raise QuantizationError("INT8 quantization needs onnxruntime, onnx and onnxscript "
@@ -238,7 +211,7 @@ def main(args: argparse.Namespace) -> list[dict]:
     size = (args.height, args.width)
     out = Path(args.out or Path(args.checkpoint).with_suffix("").as_posix() + "_int8")
     out.mkdir(parents=True, exist_ok=True)
-    roots = training_roots(args.data_dir, args.train_all)
+    roots = data.training_dirs(args.data_dir, args.train_all)
     test_dir = Path(args.test_dir or args.data_dir.split(",")[0])
     batches = calibration_batches(roots, args.calib_images, size, seed=args.seed)
     deploy = make_deploy_model(small)  # the fastest form, same features (see small_model.py)
@@ -251,7 +224,8 @@ def main(args: argparse.Namespace) -> list[dict]:
         qat_fp32 = onnx_export.export_onnx(tuned, out / "qat_fp32.onnx", size)
         models.append(("small int8 QAT (onnxruntime)",
                        quantize_onnx(qat_fp32, out / "int8_qat.onnx", batches, args.reduce_range), tuned))
-    rows = table_rows(models, size, test_dir, args.threads, args.repeats)
+    rows = runtime_comparison.compare({}, size, [1], torch.device("cpu"), 5, args.repeats, args.threads,
+                                      extra_onnx={name: (path, net) for name, path, net in models}, test_dir=test_dir)
     print(f"{args.checkpoint}: {small.arch} at {size[0]}x{size[1]}, CPU batch 1, calibrated on "
           f"{sum(len(b) for b in batches)} training images")
     print(runtime_comparison.format_table(rows, [1]))

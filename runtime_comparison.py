@@ -21,6 +21,7 @@ from typing import Callable
 
 import torch
 
+import data
 import model as model_lib
 import test as test_lib
 import utils
@@ -174,7 +175,7 @@ def int8_file(run: Path, deploy: torch.nn.Module, args: argparse.Namespace, size
     source = args.calib_dir or opts.get("data_dir")
     if not source:
         raise DatasetError("--int8 needs calibration images: pass --calib_dir DATASET/pytorch")
-    batches = quantize.calibration_batches(quantize.training_roots(source, bool(opts.get("train_all", True))),
+    batches = quantize.calibration_batches(data.training_dirs(source, bool(opts.get("train_all", True))),
                                            args.calib_images, size)
     with tempfile.TemporaryDirectory() as tmp:
         fp32 = onnx_export.export_onnx(deploy, Path(tmp) / "fp32.onnx", size)

@@ -289,7 +289,7 @@ def train(args: argparse.Namespace, make_hook: Callable[[nn.Module, argparse.Nam
     device = distributed.setup(args.gpu_ids)
     rank, world, main = distributed.rank(), distributed.world_size(), distributed.is_main()
     utils.seed_everything(args.seed + rank)  # augmentation differs per rank; the model init is broadcast
-    train_dirs = [Path(d) / ("train_all" if args.train_all else "train") for d in args.data_dir.split(",") if d]
+    train_dirs = data.training_dirs(args.data_dir, args.train_all)
     loader = data.train_loader(train_dirs, args.batchsize, (args.height, args.width), args.workers,
                                args.erasing_p, args.color_jitter, pin_memory=device.type == "cuda",
                                seed=args.seed, rank=rank, world=world)

@@ -102,7 +102,6 @@ def main() -> None:
         pairs += [("ONNX Runtime", "full (onnxruntime)", "small (onnxruntime)"),
                   ("ONNX Runtime, deploy form", "full (onnxruntime)", "small deploy (onnxruntime)"),
                   ("PyTorch full -> ONNX Runtime small", "full", "small deploy (onnxruntime)")]
-    if onnx:
         bound = by["full (onnxruntime)"]["ms_b1"] / by["unpruned part (onnxruntime)"]["ms_b1"]
         print(f"Bound: if layers 2-4's pruned branches cost nothing, ONNX Runtime could reach {bound:.2f}x "
               f"= {bound / ratio:.2f} of the MAC ratio (stem, layer1 and downsample convs alone)")
