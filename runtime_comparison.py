@@ -183,18 +183,21 @@ def int8_file(run: Path, deploy: torch.nn.Module, args: argparse.Namespace, size
 
 
 def main(args: argparse.Namespace) -> list[dict]:
+    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    use_onnx = not args.no_onnx and device.type == "cpu" and onnx_available()
+    if args.int8 and not use_onnx:
+        raise DatasetError("--int8 needs the ONNX Runtime rows: CPU, onnxruntime and onnxscript installed, "
+                           "no --no_onnx")
     run = test_lib.find_run(args.name, args.results_dir)
     state = model_lib.load_checkpoint(run / f"net_{args.which_epoch}.pth")
     zeroed, small = small_from_checkpoint(state, args.NonL1, args.prune_rate)
     if args.threads:
         torch.set_num_threads(args.threads)
-    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     full = model_lib.ft_net(model_lib.num_classes(state), small.arch)
     models = {"full": full, "zeroed": zeroed, "small": small, "small deploy": make_deploy_model(small)}
     size, batch_sizes = (args.height, args.width), [int(b) for b in args.batch_sizes.split(",")]
-    use_onnx = not args.no_onnx and device.type == "cpu" and onnx_available()
     extra = {}
-    if args.int8 and use_onnx:
+    if args.int8:
         extra["small deploy int8 (onnxruntime)"] = (int8_file(run, models["small deploy"], args, size),
                                                      models["small deploy"])
     rows = compare(models, size, batch_sizes, device, args.warmup, args.repeats, args.threads,

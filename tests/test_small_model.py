@@ -186,6 +186,9 @@ def test_runtime_comparison_writes_its_table(zeroed_run):
     assert [r["model"] for r in rows] == ["full", "zeroed", "small", "small deploy"]
     assert rows[2]["mac_ratio"] > 1 and rows[0]["speedup_b1"] == 1 and rows[0]["speedup_b2"] == 1
     assert "MAC ratio" in res.stdout
+    bad = run_script("runtime_comparison.py", "--name", "z", "--results_dir", root, "--NonL1", "--no_onnx", "--int8")
+    assert bad.returncode == 2 and "--int8 needs the ONNX Runtime rows" in bad.stderr
+    assert "Traceback" not in bad.stderr
 
 
 @pytest.mark.skipif(not runtime_comparison.onnx_available(), reason="onnxruntime/onnxscript not installed")
