@@ -196,3 +196,22 @@ def test_int8_model_is_close_to_float_and_much_smaller(synthetic_market, trained
         assert cos.mean() >= 0.98 and cos.min() >= 0.9, (b, cos.mean(), cos.min())
     table = (out / "quantization.csv").read_text()
     assert "size_mb" in table and "mAP" in table and "ms_b1" in table
+
+
+def test_fit_classifier_replaces_the_head_only_when_the_class_count_differs():
+    import train_loop
+    net = ft_net(4, "resnet18")
+    backbone = net.model.conv1.weight.detach().clone()
+    head = net.classifier.classifier[0]
+    assert train_loop.fit_classifier(net, 4).classifier.classifier[0] is head
+    train_loop.fit_classifier(net, 9)
+    new = net.classifier.classifier[0]
+    assert new is not head and new.out_features == 9 and new.in_features == head.in_features
+    assert torch.equal(new.bias, torch.zeros(9)) and new.weight.std() < 0.01
+    assert torch.equal(net.model.conv1.weight, backbone)
+
+
+@needs_onnx
+def test_quantizing_without_calibration_images_is_a_clear_error(tmp_path):
+    with pytest.raises(quantize.QuantizationError, match="no calibration images"):
+        quantize.quantize_onnx(tmp_path / "in.onnx", tmp_path / "out.onnx", [])
