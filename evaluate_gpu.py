@@ -1,27 +1,32 @@
-"""Rank-k, mAP and mINP from pytorch_result.mat (SPEC §6), vectorised over chunks of queries.
+"""Rank-k, mAP and mINP of the features in pytorch_result.mat, vectorised over chunks of queries.
 
     python evaluate_gpu.py                        # ./pytorch_result.mat, reference protocol
     python evaluate_gpu.py --protocol standard    # also mINP; queries without a match are skipped
+    python evaluate_gpu.py --gpu_ids 0            # score products on a GPU (imports torch)
 
 Ranking: gallery sorted by descending score = gallery . query (float32); equal scores are ordered with
 the larger gallery index first (the reverse of a stable ascending sort, as the reference's argsort
 then [::-1] does on small inputs). Junk = label -1, and the query's id in the query's camera.
 No query x gallery matrix is ever sorted or held whole: per chunk of queries, only gallery items that
 score at least as high as the query's worst good match are compared, as exact (score, index) int64 keys.
+
+The algorithm is NumPy throughout, so the CPU path never imports torch (about 2 s of every call).
+With --gpu_ids/--device cuda only the score products run on the GPU; everything after them is the
+same NumPy code.
 """
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import sys
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
-import scipy.io
-import torch
 
-INT64_MAX = torch.iinfo(torch.int64).max
-CHUNK_ELEMENTS = 1 << 23  # query x gallery scores per chunk (32 MB of float32 + the sparse part)
+INT64_MAX = np.iinfo(np.int64).max
+CHUNK_ELEMENTS = 1 << 22  # query x gallery scores per chunk (16 MB of float32 + the sparse part)
 RESULT_KEYS = ("gallery_f", "gallery_label", "gallery_cam", "query_f", "query_label", "query_cam")
 
 
@@ -29,13 +34,13 @@ class EvaluationError(Exception):
     """A user-facing problem with the result files; printed as one line."""
 
 
-def ordered_keys(scores: torch.Tensor, index: torch.Tensor, n_gallery: int) -> torch.Tensor:
+def ordered_keys(scores: np.ndarray, index: np.ndarray, n_gallery: int) -> np.ndarray:
     """Non-negative int64 keys ordered as (score, gallery index): unique, so comparisons are exact.
 
     Keys lie in [0, 2**32 * n_gallery).
     """
-    bits = (scores + 0.0).view(torch.int32)  # + 0.0 maps -0.0 to +0.0
-    monotone = torch.where(bits < 0, bits ^ 0x7FFFFFFF, bits).long() + 2 ** 31
+    bits = (np.asarray(scores, np.float32) + np.float32(0.0)).view(np.int32)  # + 0.0 maps -0.0 to +0.0
+    monotone = np.where(bits < 0, bits ^ np.int32(0x7FFFFFFF), bits).astype(np.int64) + 2 ** 31
     return monotone * n_gallery + index
 
 
@@ -43,121 +48,182 @@ class GalleryIndex:
     """The gallery without its junk (-1) images, grouped by id so that each query finds its own id's
     images without scanning the gallery. Filtering keeps the gallery order, hence the tie rule."""
 
-    def __init__(self, gf: torch.Tensor, gl: torch.Tensor, gc: torch.Tensor):
+    def __init__(self, gf: np.ndarray, gl: np.ndarray, gc: np.ndarray):
         keep = gl != -1
         self.f, self.label, self.cam = gf[keep], gl[keep], gc[keep]
-        self.order = torch.argsort(self.label, stable=True)
-        self.ids, self.counts = torch.unique_consecutive(self.label[self.order], return_counts=True)
-        self.starts = self.counts.cumsum(0) - self.counts
+        self.order = np.argsort(self.label, kind="stable")
+        self.ids, self.counts = np.unique(self.label[self.order], return_counts=True)
+        self.starts = self.counts.cumsum() - self.counts
         self.width = int(self.counts.max()) if len(self.counts) else 0
 
-    def same_id(self, ql: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """(gallery positions, valid) of each query's id, padded to the largest id: (queries, width)."""
-        if self.width == 0:
-            return torch.zeros(len(ql), 1, dtype=torch.long, device=ql.device), torch.zeros(len(ql), 1, dtype=bool,
-                                                                                          device=ql.device)
-        pos = torch.searchsorted(self.ids, ql).clamp(max=len(self.ids) - 1)
-        count = torch.where(self.ids[pos] == ql, self.counts[pos], 0)
-        col = torch.arange(self.width, device=ql.device)
+    def same_id(self, ql: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """(gallery positions, valid) of each query's id, padded to the largest of these queries' ids:
+        (queries, width). Padding to these ids only matters: distractors (id 0) are often the largest."""
+        pos = np.searchsorted(self.ids, ql).clip(max=len(self.ids) - 1)
+        count = np.where(self.ids[pos] == ql, self.counts[pos], 0)
+        col = np.arange(max(int(count.max()), 1))
         valid = col[None, :] < count[:, None]
-        slot = (self.starts[pos][:, None] + col[None, :]).clamp(max=len(self.order) - 1)
+        slot = (self.starts[pos][:, None] + col[None, :]).clip(max=len(self.order) - 1)
         return self.order[slot], valid
 
 
-def good_match_ranks(scores: torch.Tensor, same_idx: torch.Tensor, good: torch.Tensor, own_id: torch.Tensor
-                     ) -> tuple[torch.Tensor, torch.Tensor]:
+def good_match_ranks(scores: np.ndarray, same_idx: np.ndarray, good: np.ndarray,
+                     own_id: Callable[[np.ndarray, np.ndarray], np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
     """0-based ranks (among non-junk gallery items) of each query's good matches, best first.
 
     scores: (queries, gallery) without junk -1 items; same_idx: each query's own-id gallery positions
     (padded), good: which of them are good matches; own_id(rows, cols): True where gallery item `cols`
-    has the id of query `rows` (good or junk: never counted as an other item). Only gallery items scoring at least the query's
-    worst good match can rank above a good match, so only those are looked at.
+    has the id of query `rows` (good or junk: never counted as an other item). Only gallery items
+    scoring at least the query's worst good match can rank above a good match, so only those are looked at.
     Returns (ranks, valid), both (queries, width).
     """
     n_q, n_g = scores.shape
-    dev = scores.device
     width = same_idx.shape[1]
-    same_scores = scores.gather(1, same_idx)
-    good_keys = torch.where(good, ordered_keys(same_scores, same_idx, n_g), INT64_MAX).sort(1).values
+    same_scores = np.take_along_axis(scores, same_idx, 1)
+    good_keys = np.sort(np.where(good, ordered_keys(same_scores, same_idx, n_g), INT64_MAX), axis=1)
     n_good = good.sum(1)
-    worst = torch.where(good, same_scores, float("inf")).amin(1)
-    rows, cols = (scores >= worst[:, None]).nonzero(as_tuple=True)
+    worst = np.where(good, same_scores, np.float32(np.inf)).min(1)
+    flat_index = np.flatnonzero(scores >= worst[:, None])
+    rows, cols = np.divmod(flat_index, n_g)
     other = ~own_id(rows, cols)
-    rows, cols = rows[other], cols[other]
-    keys = ordered_keys(scores[rows, cols], cols, n_g)
+    rows, cols, flat_index = rows[other], cols[other], flat_index[other]
+    keys = ordered_keys(scores.reshape(-1)[flat_index], cols, n_g)
     # per item: how many good matches of its own query it beats, found by one flat searchsorted on
     # (row, key) pairs packed into int64 (row * span + key; span * queries < 2**63 for our chunk sizes)
     span = 2 ** 32 * n_g
-    row_ids = torch.arange(n_q, device=dev)[:, None]
-    flat = torch.where(good_keys == INT64_MAX, INT64_MAX, row_ids * span + good_keys).flatten()
+    row_ids = np.arange(n_q, dtype=np.int64)[:, None]
+    flat = np.where(good_keys == INT64_MAX, INT64_MAX, row_ids * span + good_keys).reshape(-1)
     flat = flat[flat != INT64_MAX]  # rows ascending, keys ascending within a row: sorted
-    offset = n_good.cumsum(0) - n_good
-    beaten = torch.searchsorted(flat, rows * span + keys) - offset[rows]
-    hist = torch.bincount(rows * (width + 1) + beaten, minlength=n_q * (width + 1)).view(n_q, width + 1)
-    above = hist.flip(1).cumsum(1).flip(1)  # above[:, p] = items beating at least p good matches
-    i = torch.arange(width, device=dev)
-    p = (n_good[:, None] - 1 - i).clamp(min=0)  # ascending position of the i-th best good match
+    offset = n_good.cumsum() - n_good
+    beaten = np.searchsorted(flat, rows * span + keys) - offset[rows]
+    hist = np.bincount(rows * (width + 1) + beaten, minlength=n_q * (width + 1)).reshape(n_q, width + 1)
+    above = hist[:, ::-1].cumsum(1)[:, ::-1]  # above[:, p] = items beating at least p good matches
+    i = np.arange(width)
+    p = (n_good[:, None] - 1 - i).clip(min=0)  # ascending position of the i-th best good match
     valid = i[None, :] < n_good[:, None]
-    ranks = above.gather(1, (p + 1).clamp(max=width)) + i
-    return torch.where(valid, ranks, 0), valid
+    ranks = np.take_along_axis(above, (p + 1).clip(max=width), 1) + i
+    return np.where(valid, ranks, 0), valid
 
 
-def average_precision(ranks: torch.Tensor, valid: torch.Tensor, protocol: str) -> torch.Tensor:
+def average_precision(ranks: np.ndarray, valid: np.ndarray, protocol: str) -> np.ndarray:
     """AP per query (0 for a query with no good match)."""
-    r = ranks.double()
-    n_good = valid.sum(1, keepdim=True).clamp(min=1).double()
-    i = torch.arange(ranks.shape[1], device=ranks.device, dtype=torch.float64)[None, :]
+    r = ranks.astype(np.float64)
+    n_good = valid.sum(1, keepdims=True).clip(min=1).astype(np.float64)
+    i = np.arange(ranks.shape[1], dtype=np.float64)[None, :]
     precision = (i + 1) / (r + 1)
     if protocol == "reference":  # trapezoid: mean of the precision before and at each hit
-        old = torch.where(r == 0, torch.ones_like(r), i / r.clamp(min=1))
+        old = np.where(r == 0, 1.0, i / r.clip(min=1))
         precision = (old + precision) / 2
     return (precision * valid / n_good).sum(1)
 
 
+def _as_features(x, what: str) -> np.ndarray:
+    f = np.asarray(x, dtype=np.float32)
+    if f.ndim != 2:
+        raise EvaluationError(f"{what} features must be a (images, dims) matrix, got shape {f.shape}")
+    if not np.isfinite(f).all():
+        bad = int((~np.isfinite(f).all(1)).sum())
+        raise EvaluationError(f"{what} features of {bad} image(s) are NaN or infinite "
+                              "(did training diverge?); refusing to score them")
+    return f
+
+
+def _as_ids(x, n: int, what: str) -> np.ndarray:
+    a = np.asarray(x).reshape(-1)
+    if len(a) != n:
+        raise EvaluationError(f"{what} has {len(a)} entries for {n} feature rows")
+    if a.size and not np.issubdtype(a.dtype, np.integer):
+        if not np.issubdtype(a.dtype, np.number) or not np.all(np.isfinite(a)) or not np.all(a == np.round(a)):
+            raise EvaluationError(f"{what} must hold integers")
+    return a.astype(np.int64)
+
+
+def check_inputs(query_f, query_label, query_cam, gallery_f, gallery_label, gallery_cam) -> tuple[np.ndarray, ...]:
+    """The six arrays as NumPy, after the checks that keep a broken result file from being scored."""
+    qf, gf = _as_features(query_f, "query"), _as_features(gallery_f, "gallery")
+    if len(qf) == 0:
+        raise EvaluationError("the query set is empty")
+    if len(gf) == 0:
+        raise EvaluationError("the gallery is empty")
+    if qf.shape[1] != gf.shape[1]:
+        raise EvaluationError(f"query features have {qf.shape[1]} dims, gallery features {gf.shape[1]}")
+    ql, qc = _as_ids(query_label, len(qf), "query_label"), _as_ids(query_cam, len(qf), "query_cam")
+    gl, gc = _as_ids(gallery_label, len(gf), "gallery_label"), _as_ids(gallery_cam, len(gf), "gallery_cam")
+    return qf, ql, qc, gf, gl, gc
+
+
+def score_function(qf: np.ndarray, gf: np.ndarray, device: str) -> Callable[[int, int], np.ndarray]:
+    """scores(s, e) = query rows s..e . gallery, float32, as a NumPy array; on CUDA the product runs on
+    the GPU (torch is imported only then)."""
+    if device == "cpu":
+        return lambda s, e: qf[s:e] @ gf.T  # BLAS reads the transpose in place
+    try:
+        import torch
+    except ImportError:
+        raise EvaluationError(f"--device {device} needs torch, which is not installed") from None
+    if not torch.cuda.is_available():
+        raise EvaluationError(f"--device {device}: CUDA is not available on this machine")
+    try:
+        qf_d, gf_d = torch.from_numpy(qf).to(device), torch.from_numpy(gf).to(device)
+    except (RuntimeError, AssertionError) as e:
+        raise EvaluationError(f"--device {device}: {str(e).splitlines()[0]}") from None
+    return lambda s, e: (qf_d[s:e] @ gf_d.T).cpu().numpy()
+
+
+def evaluate_protocols(query_f, query_label, query_cam, gallery_f, gallery_label, gallery_cam,
+                       device: str | None = None, chunk_elements: int = CHUNK_ELEMENTS) -> dict[str, dict]:
+    """{"reference": metrics, "standard": metrics} from one ranking pass (see `evaluate`)."""
+    qf, ql, qc, gf, gl, gc = check_inputs(query_f, query_label, query_cam, gallery_f, gallery_label, gallery_cam)
+    n_query = len(qf)
+    gallery = GalleryIndex(gf, gl, gc)
+    scores_of = score_function(qf, gallery.f, str(device or "cpu"))
+    chunk = max(1, chunk_elements // max(len(gallery.f), 1))
+    first_hit, inp, has_match = [], [], []
+    ap = {"reference": [], "standard": []}
+    for s in range(0, n_query, chunk):
+        e = min(s + chunk, n_query)
+        if gallery.width == 0:  # every gallery image is junk: no query has a match
+            ranks, valid = np.zeros((e - s, 1), np.int64), np.zeros((e - s, 1), bool)
+        else:
+            same_idx, same_valid = gallery.same_id(ql[s:e])
+            good = same_valid & (gallery.cam[same_idx] != qc[s:e, None])
+            chunk_labels = ql[s:e]
+            ranks, valid = good_match_ranks(scores_of(s, e), same_idx, good,
+                                            lambda r, c: gallery.label[c] == chunk_labels[r])
+        n_good = valid.sum(1)
+        has_match.append(n_good > 0)
+        first_hit.append(np.where(n_good > 0, ranks[:, 0], INT64_MAX))
+        for protocol, aps in ap.items():
+            aps.append(average_precision(ranks, valid, protocol))
+        last = np.take_along_axis(ranks, (n_good - 1).clip(min=0)[:, None], 1)[:, 0]
+        inp.append(np.where(n_good > 0, n_good / (last + 1.0), 0.0))
+    first_hit, inp, has_match = (np.concatenate(x) for x in (first_hit, inp, has_match))
+    n_valid = int(has_match.sum())
+    results = {}
+    for protocol, aps in ap.items():
+        denominator = n_query if protocol == "reference" else max(n_valid, 1)
+        # CMC as the reference computes it: integer counts divided in float32
+        cmc = {n: float(np.float32((first_hit < n).sum()) / np.float32(denominator)) for n in (1, 5, 10)}
+        results[protocol] = {"rank1": cmc[1], "rank5": cmc[5], "rank10": cmc[10],
+                             "mAP": float(np.concatenate(aps).sum()) / denominator,
+                             "num_query": n_query, "num_valid": n_valid}
+    results["standard"]["mINP"] = float(inp.sum()) / max(n_valid, 1)
+    return results
+
+
 def evaluate(query_f, query_label, query_cam, gallery_f, gallery_label, gallery_cam,
-             protocol: str = "reference", device: str | torch.device | None = None,
+             protocol: str = "reference", device: str | None = None,
              chunk_elements: int = CHUNK_ELEMENTS) -> dict:
     """Rank-1/5/10, mAP (and mINP for the standard protocol) of features against a gallery.
 
     reference: CMC and mAP are divided by the number of ALL queries (no-match queries add 0).
     standard:  AP = mean precision at each hit, mINP, averages over queries with a good match.
+    Inputs: arrays (or CPU tensors); device: "cpu" (default) or a CUDA device for the score products.
     """
     if protocol not in ("reference", "standard"):
         raise EvaluationError(f"unknown protocol {protocol!r}")
-    device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    as_t = lambda x, dt: torch.as_tensor(np.asarray(x), dtype=dt).reshape(-1).to(device)  # noqa: E731
-    qf = torch.as_tensor(np.asarray(query_f), dtype=torch.float32).to(device)
-    gf = torch.as_tensor(np.asarray(gallery_f), dtype=torch.float32).to(device)
-    ql, qc = as_t(query_label, torch.int64), as_t(query_cam, torch.int64)
-    gl, gc = as_t(gallery_label, torch.int64), as_t(gallery_cam, torch.int64)
-    n_query = len(qf)
-    gallery = GalleryIndex(gf, gl, gc)
-    chunk = max(1, chunk_elements // max(len(gallery.f), 1))
-    first_hit, ap, inp, has_match = [], [], [], []
-    for s in range(0, n_query, chunk):
-        e = min(s + chunk, n_query)
-        same_idx, same_valid = gallery.same_id(ql[s:e])
-        good = same_valid & (gallery.cam[same_idx] != qc[s:e, None])
-        chunk_labels = ql[s:e]
-        ranks, valid = good_match_ranks(qf[s:e] @ gallery.f.T, same_idx, good,
-                                        lambda r, c: gallery.label[c] == chunk_labels[r])
-        n_good = valid.sum(1)
-        has_match.append(n_good > 0)
-        first_hit.append(torch.where(n_good > 0, ranks[:, 0], INT64_MAX))
-        ap.append(average_precision(ranks, valid, protocol))
-        last = ranks.gather(1, (n_good - 1).clamp(min=0)[:, None]).squeeze(1)
-        inp.append(torch.where(n_good > 0, n_good.double() / (last + 1).double(), 0.0))
-    first_hit, ap, inp, has_match = (torch.cat(x).cpu() for x in (first_hit, ap, inp, has_match))
-    n_valid = int(has_match.sum())
-    denominator = n_query if protocol == "reference" else max(n_valid, 1)
-    # CMC as the reference computes it: integer counts divided in float32
-    cmc = {n: float(torch.tensor(float((first_hit < n).sum()), dtype=torch.float32) / denominator)
-           for n in (1, 5, 10)}
-    result = {"rank1": cmc[1], "rank5": cmc[5], "rank10": cmc[10],
-              "mAP": float(ap.sum()) / denominator, "num_query": n_query, "num_valid": n_valid}
-    if protocol == "standard":
-        result["mINP"] = float(inp.sum()) / denominator
-    return result
+    return evaluate_protocols(query_f, query_label, query_cam, gallery_f, gallery_label, gallery_cam,
+                              device, chunk_elements)[protocol]
 
 
 def format_result(result: dict, protocol: str = "reference") -> str:
@@ -166,32 +232,39 @@ def format_result(result: dict, protocol: str = "reference") -> str:
     return line + ("_mINP_%f" % result["mINP"] if protocol == "standard" else "")
 
 
-def multi_query_features(query_label, query_cam, mquery_f, mquery_label, mquery_cam, query_f) -> torch.Tensor:
+def multi_query_features(query_label, query_cam, mquery_f, mquery_label, mquery_cam, query_f) -> np.ndarray:
     """Each query's feature replaced by the mean of the multi-query images of its id and camera.
 
     A query whose (id, camera) has no multi-query image keeps its own feature.
     """
-    ql, qc = (torch.as_tensor(np.asarray(x).reshape(-1), dtype=torch.int64) for x in (query_label, query_cam))
-    ml, mc = (torch.as_tensor(np.asarray(x).reshape(-1), dtype=torch.int64) for x in (mquery_label, mquery_cam))
-    mf = torch.as_tensor(np.asarray(mquery_f), dtype=torch.float32)
-    groups, inverse = torch.unique(ml * 1000 + mc, return_inverse=True)
-    sums = torch.zeros(len(groups), mf.shape[1]).index_add_(0, inverse, mf)
-    means = sums / torch.bincount(inverse, minlength=len(groups))[:, None]
+    own = _as_features(query_f, "query")
+    mf = _as_features(mquery_f, "multi-query")
+    ql, qc = _as_ids(query_label, len(own), "query_label"), _as_ids(query_cam, len(own), "query_cam")
+    ml, mc = _as_ids(mquery_label, len(mf), "mquery_label"), _as_ids(mquery_cam, len(mf), "mquery_cam")
+    if len(mf) and mf.shape[1] != own.shape[1]:
+        raise EvaluationError(f"multi-query features have {mf.shape[1]} dims, query features {own.shape[1]}")
+    groups, inverse = np.unique(ml * 1000 + mc, return_inverse=True)
+    if len(groups) == 0:
+        return own
+    sums = np.zeros((len(groups), mf.shape[1]), np.float32)
+    np.add.at(sums, inverse, mf)
+    means = sums / np.bincount(inverse, minlength=len(groups))[:, None].astype(np.float32)
     qkey = ql * 1000 + qc
-    pos = torch.searchsorted(groups, qkey).clamp(max=len(groups) - 1)
+    pos = np.searchsorted(groups, qkey).clip(max=len(groups) - 1)
     found = groups[pos] == qkey
-    own = torch.as_tensor(np.asarray(query_f), dtype=torch.float32)
-    return torch.where(found[:, None], means[pos], own)
+    return np.where(found[:, None], means[pos], own)
 
 
 def load_mat(path: str | os.PathLike, keys) -> dict:
+    import scipy.io
     path = Path(path)
     if not path.is_file():
         raise EvaluationError(f"{path} does not exist (run test.py first)")
     try:
         mat = scipy.io.loadmat(path)
-    except Exception as e:
-        raise EvaluationError(f"cannot read {path}: {e}") from None
+    except Exception as e:  # scipy raises many kinds for a truncated or foreign file
+        raise EvaluationError(f"cannot read {path}: {str(e).splitlines()[0] if str(e) else type(e).__name__}") \
+            from None
     missing = [k for k in keys if k not in mat]
     if missing:
         raise EvaluationError(f"{path} lacks the keys {', '.join(missing)}")
@@ -199,41 +272,69 @@ def load_mat(path: str | os.PathLike, keys) -> dict:
 
 
 def get_args_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(description="Rank-k / mAP (/ mINP) of the features test.py wrote.")
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--mat", default="pytorch_result.mat", help="features from test.py")
     p.add_argument("--multi_mat", default=None,
                    help="multi-query features from test.py --multi, evaluated too when the file exists "
                         "(default: multi_query.mat beside --mat)")
     p.add_argument("--protocol", choices=["reference", "standard"], default="reference",
                    help="reference: trapezoid AP, divide by all queries; standard: AP and mINP over valid queries")
-    p.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
-    p.add_argument("--json", default=None, help="also write the metrics to this JSON file")
+    p.add_argument("--gpu_ids", default=None,
+                   help="compute the score products on this GPU (e.g. 0; imports torch); default: the CPU, "
+                        "which for one evaluation is usually faster than starting CUDA")
+    p.add_argument("--device", default=None, help="cpu or cuda[:N] (the same choice as --gpu_ids; default cpu)")
+    p.add_argument("--json", default=None, help="also write the metrics (both protocols) to this JSON file")
     return p
 
 
+def choose_device(args: argparse.Namespace) -> str:
+    if args.device and args.gpu_ids is not None:
+        raise EvaluationError("give --gpu_ids or --device, not both")
+    if args.device:
+        if args.device != "cpu" and not args.device.startswith("cuda"):
+            raise EvaluationError(f"--device must be cpu or cuda[:N], got {args.device!r}")
+        return args.device
+    if args.gpu_ids is None or args.gpu_ids.strip() in ("", "-1"):
+        return "cpu"
+    first = args.gpu_ids.split(",")[0].strip()
+    if not first.isdigit():
+        raise EvaluationError(f"--gpu_ids must be GPU numbers such as 0 or 0,1, got {args.gpu_ids!r}")
+    return f"cuda:{first}"
+
+
 def main(args: argparse.Namespace) -> dict:
+    device = choose_device(args)
     mat = load_mat(args.mat, RESULT_KEYS)
     q = (mat["query_f"], mat["query_label"], mat["query_cam"])
     g = (mat["gallery_f"], mat["gallery_label"], mat["gallery_cam"])
-    result = evaluate(*q, *g, protocol=args.protocol, device=args.device)
+    try:
+        both = evaluate_protocols(*q, *g, device=device)
+    except EvaluationError as e:
+        raise EvaluationError(f"{args.mat}: {e}") from None
+    result = both[args.protocol]
     print(format_result(result, args.protocol))
     multi_file = Path(args.multi_mat or Path(args.mat).with_name("multi_query.mat"))
     if multi_file.is_file() and multi_file.stat().st_mtime < Path(args.mat).stat().st_mtime:
         print(f"note: ignoring {multi_file}, older than {args.mat} (written by an earlier test.py --multi run)")
     elif multi_file.is_file():
-        m = load_mat(args.multi_mat, ("mquery_f", "mquery_label", "mquery_cam"))
-        mq = multi_query_features(q[1], q[2], m["mquery_f"], m["mquery_label"], m["mquery_cam"], q[0])
-        multi = evaluate(mq, q[1], q[2], *g, protocol=args.protocol, device=args.device)
+        m = load_mat(multi_file, ("mquery_f", "mquery_label", "mquery_cam"))
+        try:
+            mq = multi_query_features(q[1], q[2], m["mquery_f"], m["mquery_label"], m["mquery_cam"], q[0])
+        except EvaluationError as e:
+            raise EvaluationError(f"{multi_file}: {e}") from None
+        multi = evaluate(mq, q[1], q[2], *g, protocol=args.protocol, device=device)
         print("multi Rank@1:%f Rank@5:%f Rank@10:%f mAP:%f" % (multi["rank1"], multi["rank5"], multi["rank10"],
                                                                 multi["mAP"]))
         result["multi"] = multi
     if args.json:  # both protocols, so collected tables need no recomputation
+        from atomic_io import write_text_atomic
         other = "standard" if args.protocol == "reference" else "reference"
-        result[other] = evaluate(*q, *g, protocol=other, device=args.device)
+        result[other] = both[other]
         result["protocol"] = args.protocol
-        import json
-        from utils import write_text_atomic
-        write_text_atomic(json.dumps(result, indent=2), args.json)
+        try:
+            write_text_atomic(json.dumps(result, indent=2), args.json)
+        except OSError as e:
+            raise EvaluationError(f"cannot write {args.json}: {e.strerror}") from None
     return result
 
 
@@ -243,3 +344,6 @@ if __name__ == "__main__":
     except EvaluationError as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
+    except KeyboardInterrupt:
+        print("error: interrupted", file=sys.stderr)
+        sys.exit(130)

@@ -4,14 +4,14 @@ from __future__ import annotations
 import os
 import random
 import sys
-import tempfile
-from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Any, Callable
 
 import numpy as np
 import torch
 import yaml
+
+from atomic_io import atomic_path, savemat_atomic, write_text_atomic  # noqa: F401  (re-exported)
 
 
 def select_device(gpu_ids: str) -> torch.device:
@@ -52,30 +52,10 @@ def set_rng_state(state: dict) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
-@contextmanager
-def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
-    """Yield a temporary path beside `path`; it replaces `path` only once the block finishes."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
-        yield Path(tmp)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-
-
 def save_atomic(obj: Any, path: str | os.PathLike) -> None:
     """torch.save that never leaves a half-written file behind."""
     with atomic_path(path) as tmp:
         torch.save(obj, tmp)
-
-
-def write_text_atomic(text: str, path: str | os.PathLike) -> None:
-    with atomic_path(path) as tmp:
-        tmp.write_text(text)
 
 
 def save_options(options: dict, path: str | os.PathLike) -> None:
