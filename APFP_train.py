@@ -8,13 +8,14 @@ Layer rates are allocated once on the initial weights; at every epoch end the se
 """
 import argparse
 
+import cli
 import prune_hooks
 import train_loop
 import utils
 
 
 def get_args_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = cli.ArgumentParser(description=__doc__.splitlines()[0])
     return prune_hooks.add_pruning_args(train_loop.add_training_args(parser))
 
 

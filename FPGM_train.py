@@ -5,13 +5,14 @@
 """
 import argparse
 
+import cli
 import prune_hooks
 import train_loop
 import utils
 
 
 def get_args_parser() -> argparse.ArgumentParser:
-    return train_loop.add_training_args(argparse.ArgumentParser(description=__doc__.splitlines()[0]))
+    return train_loop.add_training_args(cli.ArgumentParser(description=__doc__.splitlines()[0]))
 
 
 def main(args: argparse.Namespace) -> None:

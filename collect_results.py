@@ -16,6 +16,7 @@ import io
 import json
 from pathlib import Path
 
+import cli
 import data
 import utils
 
@@ -24,7 +25,7 @@ COLUMNS = ["method", "arch", "dataset", "prune_rate", "R1", "R5", "R10", "mAP", 
 
 
 def get_args_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p = cli.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--results_dir", default="./results", help="root folder of the runs (ft_<arch>/<name>/)")
     p.add_argument("--out", default=None, help="output folder (default: RESULTS_DIR/summary)")
     p.add_argument("--which_epoch", default="last", help="checkpoint whose metrics are collected")

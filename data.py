@@ -76,8 +76,11 @@ def scan_sources(roots: list[str | os.PathLike]) -> tuple[list[str], list[tuple[
 
 
 def load_rgb(path: Path) -> Image.Image:
-    with Image.open(path) as img:
-        return img.convert("RGB")
+    try:
+        with Image.open(path) as img:
+            return img.convert("RGB")
+    except OSError as e:  # PIL's UnidentifiedImageError, a truncated file, a vanished one
+        raise DatasetError(f"cannot read image {path}: {str(e).splitlines()[0]}") from None
 
 
 class AnchorPositives(Dataset):
@@ -143,6 +146,10 @@ def train_loader(root: str | os.PathLike | list[str | os.PathLike], batch_size: 
                  workers: int, erasing_p: float = 0.0, color_jitter: bool = False, pin_memory: bool = False,
                  seed: int = 0, rank: int = 0, world: int = 1) -> DataLoader:
     dataset = AnchorPositives(root, train_transform(size, erasing_p, color_jitter))
+    if len(dataset.classes) < 2:
+        names = " + ".join(d["source"] for d in dataset.sources)
+        raise DatasetError(f"{names} holds {len(dataset.classes)} identity: training needs at least 2 "
+                           "(the triplet loss takes its negatives from other identities)")
     if len(dataset) < batch_size * world:
         names = " + ".join(d["source"] for d in dataset.sources)
         raise DatasetError(f"{names} has {len(dataset)} images, fewer than one batch of {batch_size} x {world}")

@@ -53,14 +53,17 @@ def id_folder(filename: str) -> str:
 class PrepareReport:
     created: int = 0
     unchanged: int = 0
+    removed: int = 0
     counts: dict = field(default_factory=dict)  # split -> (ids, images)
 
     def summary(self, out_dir: Path) -> str:
         lines = [f"{split:>11}: {ids:6d} ids {imgs:8d} images" for split, (ids, imgs) in self.counts.items()]
-        if self.created == 0:
+        if self.created == 0 and self.removed == 0:
             lines.append(f"nothing to do: all {self.unchanged} files already in place under {out_dir}")
         else:
             lines.append(f"wrote {self.created} files ({self.unchanged} already in place) under {out_dir}")
+        if self.removed:
+            lines.append(f"removed {self.removed} files no longer in the raw dataset")
         return "\n".join(lines)
 
 
@@ -99,13 +102,37 @@ def jpgs(folder: Path) -> list[Path]:
 
 def build_split(files: Iterable[tuple[Path, str]], split: str, out_dir: Path, copy: bool,
                 report: PrepareReport) -> None:
-    """Place (source file, identity folder) pairs under out_dir/split/<id>/ and count them."""
-    ids, n = set(), 0
+    """Place (source file, identity folder) pairs under out_dir/split/<id>/, remove what is no longer
+    there, and count them."""
+    ids, placed = set(), set()
     for src, pid in files:
-        place(src, out_dir / split / pid / src.name, copy, report)
+        dst = out_dir / split / pid / src.name
+        place(src, dst, copy, report)
         ids.add(pid)
-        n += 1
-    report.counts[split] = (len(ids), n)
+        placed.add(dst)
+    remove_stale(out_dir / split, placed, report)
+    report.counts[split] = (len(ids), len(placed))
+
+
+def build_splits(plan: dict[str, list[tuple[Path, str]]], out_dir: Path, copy: bool, report: PrepareReport) -> None:
+    """Every split, after checking that none is empty (so an incomplete raw dataset writes nothing)."""
+    empty = [split for split, files in plan.items() if not files]
+    if empty:
+        raise DatasetError(f"no images for the {' and '.join(empty)} split(s) of {out_dir.parent} "
+                           "(is the raw dataset complete?)")
+    for split, files in plan.items():
+        build_split(files, split, out_dir, copy, report)
+
+
+def remove_stale(folder: Path, keep: set[Path], report: PrepareReport) -> None:
+    """Delete images under folder that the raw dataset no longer has (training would use them)."""
+    for f in sorted(folder.rglob("*.jpg")):
+        if f not in keep:
+            f.unlink()
+            report.removed += 1
+    for d in sorted((d for d in folder.iterdir() if d.is_dir()), reverse=True):
+        if not any(d.iterdir()):
+            d.rmdir()
 
 
 def first_image_val_split(files: list[Path]) -> tuple[list[Path], list[Path]]:
@@ -135,14 +162,16 @@ def prepare_market_like(root: Path, fmt: str, copy: bool = False) -> tuple[Prepa
     train_files = [f for f in checked(jpgs(root / "bounding_box_train"), fmt)
                    if parse_name(f.name, fmt)[0] > 0]  # junk/distractor are not training classes
     train, val = first_image_val_split(train_files)
-    with_ids = lambda fs: ((f, id_folder(f.name)) for f in fs)  # noqa: E731
-    build_split(with_ids(train), "train", out, copy, report)
-    build_split(with_ids(val), "val", out, copy, report)
-    build_split(with_ids(train_files), "train_all", out, copy, report)
-    build_split(with_ids(checked(jpgs(root / "query"), fmt)), "query", out, copy, report)
-    build_split(with_ids(checked(jpgs(root / "bounding_box_test"), fmt)), "gallery", out, copy, report)
+    with_ids = lambda fs: [(f, id_folder(f.name)) for f in fs]  # noqa: E731
+    plan = {"train": with_ids(train), "val": with_ids(val), "train_all": with_ids(train_files),
+            "query": with_ids(checked(jpgs(root / "query"), fmt)),
+            "gallery": with_ids(checked(jpgs(root / "bounding_box_test"), fmt))}
     if (root / "gt_bbox").is_dir():
-        build_split(with_ids(checked(jpgs(root / "gt_bbox"), fmt)), "multi-query", out, copy, report)
+        plan["multi-query"] = with_ids(checked(jpgs(root / "gt_bbox"), fmt))
+    build_splits(plan, out, copy, report)
+    if "multi-query" not in plan and (out / "multi-query").is_dir():  # gt_bbox was removed: a stale copy
+        remove_stale(out / "multi-query", set(), report)
+        shutil.rmtree(out / "multi-query")
     return report, out
 
 
@@ -181,32 +210,28 @@ def prepare_msmt(root: Path, copy: bool = False) -> tuple[PrepareReport, Path]:
         return pairs
 
     train, val = files("list_train.txt", "train"), files("list_val.txt", "train")
-    build_split(train, "train", out, copy, report)
-    build_split(val, "val", out, copy, report)
-    build_split(train + val, "train_all", out, copy, report)
-    build_split(files("list_query.txt", "test"), "query", out, copy, report)
-    build_split(files("list_gallery.txt", "test"), "gallery", out, copy, report)
+    build_splits({"train": train, "val": val, "train_all": train + val, "query": files("list_query.txt", "test"),
+                  "gallery": files("list_gallery.txt", "test")}, out, copy, report)
     return report, out
 
 
 def prepare_main(fmt: str, default_dir: str, description: str) -> None:
     """Shared command line of prepare_market.py / prepare_duke.py / prepare_msmt.py."""
-    import argparse
-    import sys
+    from cli import ArgumentParser, run_main
 
-    parser = argparse.ArgumentParser(description=description)
+    parser = ArgumentParser(description=description)
     parser.add_argument("--data_dir", default=default_dir,
                         help=f"raw dataset folder (default: {default_dir}); output goes to DATA_DIR/pytorch")
     parser.add_argument("--copy", action="store_true",
                         help="copy images instead of hard-linking them (hard links fall back to copies "
                              "automatically where the filesystem does not support them)")
     args = parser.parse_args()
-    try:
+
+    def main(args) -> None:
         if fmt == "msmt":
             report, out = prepare_msmt(Path(args.data_dir), args.copy)
         else:
             report, out = prepare_market_like(Path(args.data_dir), fmt, args.copy)
-    except DatasetError as e:
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(2)
-    print(report.summary(out))
+        print(report.summary(out))
+
+    run_main(main, args, (DatasetError,))

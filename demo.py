@@ -13,19 +13,21 @@ import sys
 import time
 from pathlib import Path
 
+import cli
+
 ROOT = Path(__file__).resolve().parent
 
 
 def get_args_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p = cli.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--data", default="datasets/synthetic/Market", help="where the synthetic dataset goes")
     p.add_argument("--results_dir", default="./results", help="root folder of the runs")
-    p.add_argument("--ids", type=int, default=40, help="identities in the synthetic dataset")
-    p.add_argument("--epochs", type=int, default=8, help="training epochs")
-    p.add_argument("--height", type=int, default=64, help="training/test input height (the paper uses 256)")
-    p.add_argument("--width", type=int, default=32, help="training/test input width (the paper uses 128)")
-    p.add_argument("--prune_rate", type=float, default=0.5, help="BAFD prune rate")
-    p.add_argument("--runtime_repeats", type=int, default=5, help="timed runs per model in the runtime table")
+    p.add_argument("--ids", type=cli.positive_int, default=40, help="identities in the synthetic dataset")
+    p.add_argument("--epochs", type=cli.positive_int, default=8, help="training epochs")
+    p.add_argument("--height", type=cli.positive_int, default=64, help="training/test input height (the paper uses 256)")
+    p.add_argument("--width", type=cli.positive_int, default=32, help="training/test input width (the paper uses 128)")
+    p.add_argument("--prune_rate", type=cli.prune_fraction, default=0.5, help="BAFD prune rate")
+    p.add_argument("--runtime_repeats", type=cli.positive_int, default=5, help="timed runs per model in the runtime table")
     return p
 
 
@@ -77,7 +79,7 @@ def main(args: argparse.Namespace) -> None:
          "--network_arch", "resnet18", "--name", "demo_bafd", "--data_dir", pt, "--train_all", "--no_pretrained",
          "--results_dir", args.results_dir, "--prune_rate", str(args.prune_rate), "--max_lrate", "0.8", "--knn", "2",
          "--decay_rate", "0.3", "--efficient_pruning", "--Epochs", str(args.epochs), "--milestones",
-         f"{max(args.epochs - 2, 1)}", "--batchsize", "16", "--lr", "0.1", "--workers", "2", *size)
+         f"{max(args.epochs - 2, 1)}", "--batchsize", "16", "--lr", "0.1", "--workers", "2", "--overwrite", *size)
     test_and_evaluate(runs / "demo_bafd", pt)
     test_and_evaluate(runs / "demo_bafd", pt, small=True)
     step("compare latency on the CPU at 3x256x128", "runtime_comparison.py", "--name", str(runs / "demo_bafd"),

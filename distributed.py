@@ -21,6 +21,11 @@ def is_main() -> bool:
     return rank() == 0
 
 
+def is_main_process() -> bool:
+    """Rank 0 also before the process group exists (torchrun sets RANK for every process)."""
+    return int(os.environ.get("RANK", "0")) == 0
+
+
 def setup(gpu_ids: str) -> torch.device:
     """The device of this process; under torchrun also the process group (one GPU per process: the
     LOCAL_RANK-th of --gpu_ids, or of all GPUs)."""
@@ -29,7 +34,7 @@ def setup(gpu_ids: str) -> torch.device:
         return utils.select_device(gpu_ids)
     local = int(os.environ.get("LOCAL_RANK", "0"))
     if torch.cuda.is_available():
-        ids = [int(i) for i in str(gpu_ids).split(",") if i.strip() not in ("", "-1")]
+        ids = utils.parse_gpu_ids(gpu_ids)
         ids = ids if len(ids) > 1 else list(range(torch.cuda.device_count()))
         device = torch.device("cuda", ids[local % len(ids)])
         torch.cuda.set_device(device)

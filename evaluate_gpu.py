@@ -25,6 +25,8 @@ from typing import Callable
 
 import numpy as np
 
+import cli
+
 INT64_MAX = np.iinfo(np.int64).max
 CHUNK_ELEMENTS = 1 << 22  # query x gallery scores per chunk (16 MB of float32 + the sparse part)
 RESULT_KEYS = ("gallery_f", "gallery_label", "gallery_cam", "query_f", "query_label", "query_cam")
@@ -272,7 +274,7 @@ def load_mat(path: str | os.PathLike, keys) -> dict:
 
 
 def get_args_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p = cli.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--mat", default="pytorch_result.mat", help="features from test.py")
     p.add_argument("--multi_mat", default=None,
                    help="multi-query features from test.py --multi, evaluated too when the file exists "

@@ -23,6 +23,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+import cli
 import model as model_lib
 import pruner
 import test as test_lib
@@ -33,20 +34,21 @@ from small_model import kept_filters, load_small_model, make_small_model
 
 
 def get_args_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p = cli.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--checkpoint", required=True,
                    help="the trained starting model: an ft_net, zeroed (BAFD/SFP/FPGM) or small checkpoint")
     p.add_argument("--out", required=True, help="output folder (round_<k>/ per round, metrics.json)")
-    p.add_argument("--rounds", type=int, default=3, help="number of prune -> shrink -> fine-tune rounds")
+    p.add_argument("--rounds", type=cli.positive_int, default=3, help="number of prune -> shrink -> fine-tune rounds")
     p.add_argument("--criterion", default="l1", choices=pruner.CRITERIA, help="which filters a round removes")
-    p.add_argument("--knn", type=int, default=2, help="BAFD/FPGM neighbourhood size k")
-    p.add_argument("--max_lrate", type=float, default=0.95, help="BAFD: most a layer may lose in one round")
+    p.add_argument("--knn", type=cli.positive_int, default=2, help="BAFD/FPGM neighbourhood size k")
+    p.add_argument("--max_lrate", type=cli.prune_fraction, default=0.95, help="BAFD: most a layer may lose in one round")
     p.add_argument("--test_dir", default=None,
                    help="dataset whose query/gallery give the per-round mAP and Rank-1 (default: first --data_dir)")
     train_loop.add_training_args(p, lr=0.01, help_overrides={
         **train_loop.PIPELINE_UNUSED_FLAGS,
         "--prune_rate": "fraction of each layer's remaining filters removed per round",
-        "--Epochs": "fine-tuning epochs per round", "--resume": "carry on after the last finished round in --out"})
+        "--Epochs": "fine-tuning epochs per round", "--resume": "carry on after the last finished round in --out",
+        "--overwrite": "start again in an --out folder that already holds rounds, replacing them"})
     p.set_defaults(Epochs=10, milestones="", save_epoch=10 ** 9, prune_rate=0.3)
     return p
 
@@ -75,7 +77,9 @@ def measure(net: nn.Module, args: argparse.Namespace, device: torch.device) -> d
 def finetune(small: nn.Module, args: argparse.Namespace, out: Path) -> nn.Module:
     """Train the small network with the shared loop for args.Epochs epochs in `out`."""
     round_args = argparse.Namespace(**vars(args))
-    round_args.network_arch, round_args.out_dir, round_args.resume = small.arch, str(out), False
+    # a round folder left by an interrupted round is redone from its start
+    round_args.network_arch, round_args.out_dir, round_args.resume, round_args.overwrite = small.arch, str(out), \
+        False, True
     return train_loop.train(round_args, build_model=lambda a, n: train_loop.fit_classifier(copy.deepcopy(small), n),
                             method=f"iterative-{args.criterion}")
 
@@ -87,13 +91,26 @@ def format_rounds(rounds: list[dict]) -> str:
     return "\n".join(lines)
 
 
+def read_rounds(metrics_file: Path) -> list[dict]:
+    try:
+        rounds = json.loads(metrics_file.read_text())
+        if rounds and all(isinstance(r, dict) and {"round", "checkpoint"} <= r.keys() for r in rounds):
+            return rounds
+    except (ValueError, OSError):
+        pass
+    raise train_loop.TrainingError(f"--resume: {metrics_file} is corrupt or truncated; pass --overwrite to start again")
+
+
 def main(args: argparse.Namespace) -> list[dict]:
     pruner.check_rate(args.prune_rate, "--prune_rate")
     out = Path(args.out)
     metrics_file = out / "metrics.json"
     device = utils.select_device(args.gpu_ids)
+    if not args.resume and out.is_dir() and any(out.iterdir()) and not args.overwrite:
+        raise train_loop.TrainingError(f"{out} already holds results: pass --resume to carry on after its last "
+                                       "finished round, --overwrite to start again, or choose another --out")
     if args.resume and metrics_file.is_file():
-        rounds = json.loads(metrics_file.read_text())
+        rounds = read_rounds(metrics_file)
         net = load_small_model(rounds[-1]["checkpoint"])  # round 0's is --checkpoint
         print(f"resuming {out} after round {rounds[-1]['round']}")
     else:

@@ -19,6 +19,8 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
+import cli
+
 HEIGHT, WIDTH = 64, 32
 DEFAULT_OUT = {"market": "datasets/synthetic/Market", "duke": "datasets/synthetic/DukeMTMC-reID",
                "msmt": "datasets/synthetic/MSMT17_V1"}
@@ -27,16 +29,16 @@ MARKER = ".synthetic.json"
 
 
 def get_args_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p = cli.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--format", choices=["market", "duke", "msmt"], default="market",
                    help="raw layout and file-name pattern to write")
     p.add_argument("--out", default=None, help="output folder (default: datasets/synthetic/<dataset name>)")
-    p.add_argument("--ids", type=int, default=24,
+    p.add_argument("--ids", type=cli.positive_int, default=24,
                    help="number of identities; the first half (rounded up) are training ids, the rest test ids")
-    p.add_argument("--images_per_id", type=int, default=12, help="images per identity (at least 4)")
-    p.add_argument("--cameras", type=int, default=None,
+    p.add_argument("--images_per_id", type=cli.positive_int, default=12, help="images per identity (at least 4)")
+    p.add_argument("--cameras", type=cli.positive_int, default=None,
                    help="number of cameras (default: 6 market, 8 duke, 15 msmt; market allows at most 6, msmt 99)")
-    p.add_argument("--seed", type=int, default=0, help="random seed; the same seed gives byte-identical files")
+    p.add_argument("--seed", type=cli.nonnegative_int, default=0, help="random seed; the same seed gives byte-identical files")
     p.add_argument("--overwrite", action="store_true",
                    help="delete OUT first when it holds something other than this exact synthetic dataset")
     return p

@@ -31,6 +31,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.nn.utils import parametrize
 
+import cli
 import data
 import model as model_lib
 import onnx_export
@@ -172,22 +173,23 @@ class FloatWeights(train_loop.EpochEndHook):
 
 
 def get_args_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p = cli.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--checkpoint", required=True,
                    help="a small-model checkpoint (test_small.py, iterative_compress.py), or a zeroed or full "
                         "ft_net one (its all-zero filters are removed first)")
     p.add_argument("--out", default=None, help="output folder (default: <checkpoint>_int8/ beside it)")
     p.add_argument("--test_dir", default=None,
                    help="dataset whose query/gallery give mAP and Rank-1 (default: the first --data_dir)")
-    p.add_argument("--calib_images", type=int, default=256, help="training images used for calibration")
+    p.add_argument("--calib_images", type=cli.positive_int, default=256, help="training images used for calibration")
     p.add_argument("--reduce_range", action="store_true",
                    help="7-bit weights: avoids U8S8 saturation on x86 CPUs without VNNI, if accuracy drops")
-    p.add_argument("--threads", type=int, default=None, help="CPU threads for ONNX Runtime timing")
-    p.add_argument("--repeats", type=int, default=30, help="timed batch-1 runs (the median is reported)")
+    p.add_argument("--threads", type=cli.positive_int, default=None, help="CPU threads for ONNX Runtime timing")
+    p.add_argument("--repeats", type=cli.positive_int, default=30, help="timed batch-1 runs (the median is reported)")
     train_loop.add_training_args(p, lr=0.001, help_overrides={
         **train_loop.PIPELINE_UNUSED_FLAGS, "--prune_rate": "not used",
         "--Epochs": "quantization-aware fine-tuning epochs (0: post-training quantization only)",
-        "--resume": "continue an interrupted QAT fine-tuning in OUT/qat/"})
+        "--resume": "continue an interrupted QAT fine-tuning in OUT/qat/",
+        "--overwrite": "write into an --out folder that already holds results, replacing them"}, zero_epochs=True)
     p.set_defaults(Epochs=0, milestones="", save_epoch=10 ** 9, name="qat")
     return p
 
@@ -203,13 +205,21 @@ def qat_finetune(small: nn.Module, args: argparse.Namespace, out: Path) -> nn.Mo
     return model_lib.model_from_state_dict(float_state_dict(trained))
 
 
+def check_output_folder(out: Path, args: argparse.Namespace) -> None:
+    """An --out that holds results is replaced only with --overwrite (--resume continues its QAT run)."""
+    if out.is_dir() and any(out.iterdir()) and not (args.overwrite or args.resume):
+        raise QuantizationError(f"{out} already holds results: pass --overwrite to replace them "
+                                "(or --resume to continue its QAT fine-tuning), or choose another --out")
+
+
 def main(args: argparse.Namespace) -> list[dict]:
     if not runtime_comparison.onnx_available():
         raise QuantizationError("INT8 quantization needs onnxruntime, onnx and onnxscript "
                                 "(pip install -r requirements.txt)")
+    out = Path(args.out or Path(args.checkpoint).with_suffix("").as_posix() + "_int8")
+    check_output_folder(out, args)
     small = load_small_model(args.checkpoint).eval()
     size = (args.height, args.width)
-    out = Path(args.out or Path(args.checkpoint).with_suffix("").as_posix() + "_int8")
     out.mkdir(parents=True, exist_ok=True)
     roots = data.training_dirs(args.data_dir, args.train_all)
     test_dir = Path(args.test_dir or args.data_dir.split(",")[0])

@@ -21,6 +21,7 @@ from typing import Callable
 
 import torch
 
+import cli
 import data
 import model as model_lib
 import test as test_lib
@@ -31,19 +32,20 @@ from small_model import make_deploy_model, small_from_checkpoint
 
 
 def get_args_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p = cli.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--name", required=True, help="run folder, or a run name under RESULTS_DIR/ft_<arch>/")
     p.add_argument("--which_epoch", default="last", help="checkpoint net_<which_epoch>.pth")
     p.add_argument("--results_dir", default="./results", help="root folder of all runs")
     p.add_argument("--NonL1", action="store_true", help="zeroed BAFD/SFP/FPGM checkpoint (see test_small.py)")
-    p.add_argument("--prune_rate", type=float, default=None, help="HFP: L1 rule at this rate (see test_small.py)")
+    p.add_argument("--prune_rate", type=cli.prune_fraction, default=None,
+                   help="HFP: L1 rule at this rate (see test_small.py)")
     p.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
-    p.add_argument("--threads", type=int, default=None, help="CPU threads for PyTorch and ONNX Runtime")
-    p.add_argument("--batch_sizes", default="1,32", help="comma-separated batch sizes")
-    p.add_argument("--height", type=int, default=256, help="input height")
-    p.add_argument("--width", type=int, default=128, help="input width")
-    p.add_argument("--warmup", type=int, default=5, help="untimed runs before timing")
-    p.add_argument("--repeats", type=int, default=20, help="timed runs (the median is reported)")
+    p.add_argument("--threads", type=cli.positive_int, default=None, help="CPU threads for PyTorch and ONNX Runtime")
+    p.add_argument("--batch_sizes", type=cli.positive_int_list, default="1,32", help="comma-separated batch sizes")
+    p.add_argument("--height", type=cli.positive_int, default=256, help="input height")
+    p.add_argument("--width", type=cli.positive_int, default=128, help="input width")
+    p.add_argument("--warmup", type=cli.nonnegative_int, default=5, help="untimed runs before timing")
+    p.add_argument("--repeats", type=cli.positive_int, default=20, help="timed runs (the median is reported)")
     p.add_argument("--no_onnx", action="store_true",
                    help="skip the ONNX Runtime rows (they need onnxruntime and onnxscript, and run on the CPU)")
     p.add_argument("--int8", action="store_true",
@@ -51,7 +53,7 @@ def get_args_parser() -> argparse.ArgumentParser:
                         "form, written as RUN/net_<epoch>_small_int8.onnx)")
     p.add_argument("--calib_dir", default=None,
                    help="--int8: prepared dataset(s) whose training images calibrate (default: the run's --data_dir)")
-    p.add_argument("--calib_images", type=int, default=256, help="--int8: number of calibration images")
+    p.add_argument("--calib_images", type=cli.positive_int, default=256, help="--int8: number of calibration images")
     p.add_argument("--test_dir", default=None,
                    help="also report mAP and Rank-1 of every row on this prepared dataset's query/gallery")
     return p
@@ -195,7 +197,7 @@ def main(args: argparse.Namespace) -> list[dict]:
         torch.set_num_threads(args.threads)
     full = model_lib.ft_net(model_lib.num_classes(state), small.arch)
     models = {"full": full, "zeroed": zeroed, "small": small, "small deploy": make_deploy_model(small)}
-    size, batch_sizes = (args.height, args.width), [int(b) for b in args.batch_sizes.split(",")]
+    size, batch_sizes = (args.height, args.width), args.batch_sizes
     extra = {}
     if args.int8:
         extra["small deploy int8 (onnxruntime)"] = (int8_file(run, models["small deploy"], args, size),

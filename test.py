@@ -13,11 +13,11 @@ from pathlib import Path
 from typing import Callable
 
 import numpy as np
-import scipy.io
 import torch
 from torch.utils.data import DataLoader, Subset
 from tqdm import tqdm
 
+import cli
 import data
 import distributed
 import model as model_lib
@@ -27,7 +27,7 @@ from evaluate_gpu import EvaluationError, evaluate
 
 
 def get_args_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p = cli.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--name", required=True,
                    help="run folder, or a run name looked up as RESULTS_DIR/ft_<arch>/<name>")
     p.add_argument("--which_epoch", default="last", help="checkpoint net_<which_epoch>.pth: 'last' or an epoch")
@@ -35,15 +35,18 @@ def get_args_parser() -> argparse.ArgumentParser:
                    help="a prepared dataset's pytorch/ folder (uses its query/ and gallery/)")
     p.add_argument("--results_dir", default="./results", help="root folder of all runs")
     p.add_argument("--gpu_ids", default="0", help="GPU id; the CPU is used when CUDA is absent")
-    p.add_argument("--batchsize", type=int, default=128, help="images per forward pass")
-    p.add_argument("--workers", type=int, default=4, help="data-loading worker processes")
-    p.add_argument("--height", type=int, default=None, help="input height (default: the run's opts.yaml, else 256)")
-    p.add_argument("--width", type=int, default=None, help="input width (default: the run's opts.yaml, else 128)")
+    p.add_argument("--batchsize", type=cli.positive_int, default=128, help="images per forward pass")
+    p.add_argument("--workers", type=cli.nonnegative_int, default=4, help="data-loading worker processes")
+    p.add_argument("--height", type=cli.positive_int, default=None, help="input height (default: the run's opts.yaml, else 256)")
+    p.add_argument("--width", type=cli.positive_int, default=None, help="input width (default: the run's opts.yaml, else 128)")
     p.add_argument("--mat", default="pytorch_result.mat", help="where to write the features")
     p.add_argument("--multi", action="store_true",
                    help="also write multi-query features from the dataset's multi-query/ folder (Market)")
     p.add_argument("--multi_mat", default=None,
                    help="where --multi writes them (default: multi_query.mat beside --mat)")
+    p.add_argument("--network_arch", default=None,
+                   help="expected arch (resnet18/34/50), checked against the checkpoint's; the arch itself is "
+                        "always read from the checkpoint")
     return p
 
 
@@ -101,20 +104,35 @@ def write_features(net: torch.nn.Module, test_dir: str, size: tuple[int, int], d
     result = {}
     for split in ("gallery", "query"):
         images = data.ReidImages(Path(test_dir) / split, transform)
-        feats = extract_features(net, images, device, args.batchsize, args.workers, split)
+        feats = finite_features(extract_features(net, images, device, args.batchsize, args.workers, split), split)
         result.update({f"{split}_f": feats.numpy(), f"{split}_label": np.asarray(images.labels),
                        f"{split}_cam": np.asarray(images.cams)})
     if distributed.is_main():
-        scipy.io.savemat(args.mat, result)
+        utils.savemat_atomic(result, args.mat)
         print(f"wrote {args.mat}: {len(result['query_f'])} queries, {len(result['gallery_f'])} gallery images")
     if args.multi:
         images = data.ReidImages(Path(test_dir) / "multi-query", transform)
-        feats = extract_features(net, images, device, args.batchsize, args.workers, "multi-query")
+        feats = finite_features(extract_features(net, images, device, args.batchsize, args.workers, "multi-query"),
+                                "multi-query")
         multi_path = Path(args.multi_mat or Path(args.mat).with_name("multi_query.mat"))
         if distributed.is_main():
-            scipy.io.savemat(multi_path, {"mquery_f": feats.numpy(), "mquery_label": np.asarray(images.labels),
-                                          "mquery_cam": np.asarray(images.cams)})
+            utils.savemat_atomic({"mquery_f": feats.numpy(), "mquery_label": np.asarray(images.labels),
+                                  "mquery_cam": np.asarray(images.cams)}, multi_path)
             print(f"wrote {multi_path}")
+
+
+def finite_features(feats: torch.Tensor, split: str) -> torch.Tensor:
+    """The features, unless some are NaN/Inf (diverged weights): those would be scored as matches."""
+    bad = int((~torch.isfinite(feats).all(1)).sum())
+    if bad:
+        raise model_lib.ModelError(f"the model gives NaN or infinite features for {bad} {split} image(s) "
+                                   "(its weights diverged in training); nothing was written")
+    return feats
+
+
+def check_expected_arch(expected: str | None, net: torch.nn.Module, checkpoint: Path) -> None:
+    if expected is not None and model_lib.check_arch(expected) != net.arch:
+        raise model_lib.ModelError(f"--network_arch {expected}, but {checkpoint} holds a {net.arch}")
 
 
 def input_size(args: argparse.Namespace, opts: dict) -> tuple[int, int]:
@@ -124,6 +142,7 @@ def input_size(args: argparse.Namespace, opts: dict) -> tuple[int, int]:
 def main(args: argparse.Namespace) -> dict:
     run = find_run(args.name, args.results_dir)
     net, opts = load_run_model(run, args.which_epoch)
+    check_expected_arch(args.network_arch, net, run / f"net_{args.which_epoch}.pth")
     device = distributed.setup(args.gpu_ids)
     net = net.to(device)
     size = input_size(args, opts)

@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+import cli
 import model as model_lib
 import test as test_lib
 import utils
@@ -29,9 +30,8 @@ def get_args_parser() -> argparse.ArgumentParser:
     p.description = __doc__.splitlines()[0]
     p.add_argument("--NonL1", action="store_true",
                    help="the checkpoint is a zeroed BAFD/SFP/FPGM one: remove its all-zero filters")
-    p.add_argument("--prune_rate", type=float, default=None,
+    p.add_argument("--prune_rate", type=cli.prune_fraction, default=None,
                    help="HFP: remove the filters with the smallest L1 norm at this rate (without --NonL1)")
-    p.add_argument("--network_arch", default=None, help="expected arch; an error if the checkpoint differs")
     p.add_argument("--save", default=None, help="where to save the small model (default RUN/net_<epoch>_small.pth)")
     p.add_argument("--export_onnx", default=None, metavar="PATH",
                    help="also export the small model as ONNX (opset 18, dynamic batch) in its deployment form "

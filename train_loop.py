@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import csv
 import io
+import math
 import time
 from pathlib import Path
 from typing import Callable
@@ -17,6 +18,7 @@ import torch
 from torch import nn
 from tqdm import tqdm
 
+import cli
 import data
 import distributed
 import losses as losses_lib
@@ -44,9 +46,11 @@ class EpochEndHook:
 
 
 def add_training_args(parser: argparse.ArgumentParser, lr: float = 0.01,
-                      help_overrides: dict[str, str] | None = None) -> argparse.ArgumentParser:
+                      help_overrides: dict[str, str] | None = None,
+                      zero_epochs: bool = False) -> argparse.ArgumentParser:
     """The reference training flags shared by the four train scripts, plus our additions. A pipeline
-    script that gives a flag another meaning passes its help text in help_overrides ({flag: text})."""
+    script that gives a flag another meaning passes its help text in help_overrides ({flag: text}),
+    and zero_epochs=True where --Epochs 0 means "no training" (quantize.py)."""
     p = parser
     helps = help_overrides or {}
     p.add_argument("--gpu_ids", default="0", help="GPU id(s), e.g. 0; the CPU is used when CUDA is absent")
@@ -56,26 +60,26 @@ def add_training_args(parser: argparse.ArgumentParser, lr: float = 0.01,
                    help="a prepared dataset's pytorch/ folder, or several comma-separated ones trained on together "
                         "(identities relabelled so that datasets never share a label)")
     p.add_argument("--train_all", action="store_true", help="train on train_all (train + val) instead of train")
-    p.add_argument("--batchsize", type=int, default=32, help="anchors per batch (each brings 4 positives)")
-    p.add_argument("--lr", type=float, default=lr, help="learning rate of the head; the backbone uses 0.1 * lr")
-    p.add_argument("--Epochs", type=int, default=70, help=helps.get("--Epochs", "number of training epochs"))
-    p.add_argument("--milestones", default="40,60", help="epochs at which the learning rate is multiplied by 0.1")
-    p.add_argument("--save_epoch", type=int, default=60,
+    p.add_argument("--batchsize", type=cli.positive_int, default=32, help="anchors per batch (each brings 4 positives)")
+    p.add_argument("--lr", type=cli.positive_float, default=lr, help="learning rate of the head; the backbone uses 0.1 * lr")
+    p.add_argument("--Epochs", type=cli.nonnegative_int if zero_epochs else cli.positive_int, default=70, help=helps.get("--Epochs", "number of training epochs"))
+    p.add_argument("--milestones", type=cli.positive_int_list, default=[40, 60], help="epochs at which the learning rate is multiplied by 0.1")
+    p.add_argument("--save_epoch", type=cli.positive_int, default=60,
                    help="save net_<epoch>.pth from this (1-based) epoch on; net_last.pth is always saved")
     p.add_argument("--network_arch", default="resnet50",
                    help=helps.get("--network_arch", "resnet18, resnet34 or resnet50"))
-    p.add_argument("--prune_rate", type=float, default=0.9,
+    p.add_argument("--prune_rate", type=cli.prune_fraction, default=0.9,
                    help=helps.get("--prune_rate", "fraction of filters removed"))
-    p.add_argument("--erasing_p", type=float, default=0.0, help="random erasing probability (0 = off)")
+    p.add_argument("--erasing_p", type=cli.probability, default=0.0, help="random erasing probability (0 = off)")
     p.add_argument("--color_jitter", action="store_true", help="use colour jitter in training")
-    p.add_argument("--poolsize", type=int, default=128, help="hard negatives are mined among this many positives")
-    p.add_argument("--margin", type=float, default=0.3, help="triplet margin on cosine similarities")
+    p.add_argument("--poolsize", type=cli.positive_int, default=128, help="hard negatives are mined among this many positives")
+    p.add_argument("--margin", type=cli.nonnegative_float, default=0.3, help="triplet margin on cosine similarities")
     p.add_argument("--loss", default="triplet",
                    help="training loss: triplet (the paper), circle, softmax, or several joined by '+' "
                         "(e.g. softmax+circle); the total is their sum")
-    p.add_argument("--circle_m", type=float, default=0.25, help="circle loss relaxation margin m")
-    p.add_argument("--circle_gamma", type=float, default=64.0, help="circle loss scale gamma")
-    p.add_argument("--warm_epoch", type=int, default=0,
+    p.add_argument("--circle_m", type=cli.nonnegative_float, default=0.25, help="circle loss relaxation margin m")
+    p.add_argument("--circle_gamma", type=cli.positive_float, default=64.0, help="circle loss scale gamma")
+    p.add_argument("--warm_epoch", type=cli.nonnegative_int, default=0,
                    help="linear learning-rate warm-up over the first N epochs, per step from 0.1 x lr (0 = off)")
     p.add_argument("--pretrained_dir", "--pretrained", dest="pretrained", default=None,
                    help=helps.get("--pretrained", "starting weights: a torchvision ImageNet state dict for the "
@@ -83,17 +87,20 @@ def add_training_args(parser: argparse.ArgumentParser, lr: float = 0.01,
                                   "torchvision's local cache)"))
     p.add_argument("--no_pretrained", action="store_true",
                    help=helps.get("--no_pretrained", "train from random initialisation"))
-    p.add_argument("--seed", type=int, default=0, help="random seed (data order, augmentation, mining, init)")
+    p.add_argument("--seed", type=cli.nonnegative_int, default=0, help="random seed (data order, augmentation, mining, init)")
     p.add_argument("--resume", action="store_true",
                    help=helps.get("--resume", "continue RESULTS_DIR/ft_<arch>/<name>/ from resume.pth"))
-    p.add_argument("--workers", type=int, default=4, help="data-loading worker processes")
-    p.add_argument("--height", type=int, default=256, help="input height (256 in the paper)")
-    p.add_argument("--width", type=int, default=128, help="input width (128 in the paper)")
+    p.add_argument("--workers", type=cli.nonnegative_int, default=4, help="data-loading worker processes")
+    p.add_argument("--height", type=cli.positive_int, default=256, help="input height (256 in the paper)")
+    p.add_argument("--width", type=cli.positive_int, default=128, help="input width (128 in the paper)")
     p.add_argument("--amp", action="store_true", help="mixed precision on CUDA (ignored on the CPU)")
     p.add_argument("--channels_last", action="store_true", help="channels-last memory format on CUDA")
     p.add_argument("--sync_bn", action="store_true",
                    help="under torchrun on GPUs: BN statistics over all ranks' batches (SyncBatchNorm)")
     p.add_argument("--results_dir", default="./results", help=helps.get("--results_dir", "root folder of all runs"))
+    p.add_argument("--overwrite", action="store_true",
+                   help=helps.get("--overwrite", "train into a run folder that already holds a run, replacing it "
+                                  "(without it, that is an error: use --resume to continue the run)"))
     return p
 
 
@@ -102,7 +109,81 @@ PIPELINE_UNUSED_FLAGS = {"--name": "not used (outputs go to --out)", "--results_
                          "--network_arch": "not used (read from the checkpoint)",
                          "--pretrained": "not used (--checkpoint gives the weights)", "--no_pretrained": "not used"}
 
-USER_ERRORS = (DatasetError, model_lib.ModelError, losses_lib.LossError)
+class TrainingError(Exception):
+    """Training cannot go on (a non-finite loss, a run folder that would be overwritten, a resume that
+    does not fit the command line); printed as one line."""
+
+
+USER_ERRORS = (DatasetError, model_lib.ModelError, losses_lib.LossError, TrainingError)
+
+# What defines a run: resuming with any of these different from the saved opts.yaml would silently
+# continue another experiment than the command line says.
+RESUME_MUST_MATCH = ("method", "network_arch", "prune_rate", "max_lrate", "knn", "decay_rate", "efficient_pruning",
+                     "criterion", "loss", "height", "width", "train_all")
+RUN_FILES = ("opts.yaml", "resume.pth", "log.csv", "net_*.pth")
+
+
+def check_training_args(args: argparse.Namespace) -> None:
+    """Flag combinations that would give another run than asked; the parser checked each flag alone."""
+    if args.no_pretrained and args.pretrained:
+        raise cli.UsageError("--no_pretrained and --pretrained contradict each other: give one")
+    if getattr(args, "max_lrate", None) is not None and args.max_lrate < args.prune_rate:
+        raise cli.UsageError(f"--max_lrate {args.max_lrate} is below --prune_rate {args.prune_rate}: no layer "
+                             "allocation can reach the overall rate")
+    if getattr(args, "knn", 2) < 1:
+        raise cli.UsageError(f"--knn must be at least 1, got {args.knn}")
+
+
+def check_run_folder(out: Path, args: argparse.Namespace, method: str) -> None:
+    """Refuse to train over an existing run unless --resume (then it must be the same run) or --overwrite."""
+    existing = [f for pattern in RUN_FILES for f in out.glob(pattern)] if out.is_dir() else []
+    if args.resume:
+        if not (out / "resume.pth").is_file():
+            raise TrainingError(f"--resume: {out / 'resume.pth'} does not exist")
+        opts_file = out / "opts.yaml"
+        try:
+            saved = utils.load_options(opts_file)
+        except (OSError, ValueError) as e:  # yaml's errors are ValueErrors
+            raise TrainingError(f"--resume: cannot read {opts_file} ({type(e).__name__})") from None
+        asked = {**vars(args), "method": method}
+        for key in RESUME_MUST_MATCH:
+            if key in asked and key in saved and saved[key] != asked[key]:
+                raise TrainingError(f"--resume: {out} is a run with {key} = {saved[key]!r}, the command line asks "
+                                    f"for {asked[key]!r}; resume it with its own settings or start a new --name")
+    elif existing and not getattr(args, "overwrite", False):
+        raise TrainingError(f"{out} already holds a run ({existing[0].name}): pass --resume to continue it, "
+                            "--overwrite to replace it, or choose another --name")
+    elif existing:
+        for f in existing:
+            f.unlink()
+
+
+def check_resume_classes(out: Path, num_classes: int, data_dir: str) -> None:
+    saved = utils.load_options(out / "opts.yaml").get("nclasses")
+    if saved is not None and saved != num_classes:
+        raise TrainingError(f"--resume: {out} was trained on {saved} identities, {data_dir} has {num_classes}: "
+                            "another dataset (or split) than the run's")
+
+
+def load_resume_state(resume_file: Path) -> dict:
+    """resume.pth, read on the CPU before any work (load_state_dict moves each tensor where it belongs)."""
+    try:
+        state = torch.load(resume_file, map_location="cpu", weights_only=True)
+    except Exception as e:  # truncated zip, a pickle that is not weights-only, ...
+        raise TrainingError(f"--resume: {resume_file} is corrupt or not a weights-only checkpoint "
+                            f"({type(e).__name__}); pass --overwrite to start the run again") from None
+    missing = [k for k in ("model", "optimizer", "scheduler", "hook", "rng", "mining_rng", "epoch", "history")
+               if not isinstance(state, dict) or k not in state]
+    if missing:
+        raise TrainingError(f"--resume: {resume_file} is not a resume checkpoint of this tool (no {missing[0]!r})")
+    return state
+
+
+def check_finite_weights(net: nn.Module, epoch: int) -> None:
+    bad = [name for name, p in net.named_parameters() if not torch.isfinite(p).all()]
+    if bad:
+        raise TrainingError(f"the weights became NaN or infinite in epoch {epoch} ({bad[0]}); training diverged "
+                            "(try a lower --lr); nothing of this epoch was saved")
 
 
 def run_dir(args: argparse.Namespace) -> Path:
@@ -217,13 +298,18 @@ def train_one_epoch(pair, loader, optimizer, scaler, device, args, epoch: int, g
             group["lr"] = lr * warmup_factor(step, warm_steps)
         optimizer.zero_grad(set_to_none=True)
         loss, stats = loss_and_backward(pair, imgs, labels, positives, args, generator, scaler)
+        loss_value = loss.item()
+        if not math.isfinite(loss_value):
+            raise TrainingError(f"the loss is {loss_value} at epoch {epoch}, step {step - (epoch - 1) * len(loader) + 1}"
+                                f"/{len(loader)}: training diverged (try a lower --lr); the last good checkpoint "
+                                "is that of the previous epoch, and this epoch was not saved")
         if scaler is not None:
             scaler.step(optimizer)
             scaler.update()
         else:
             optimizer.step()
         s_pos, s_neg = stats["s_pos"], stats["s_neg"]
-        totals += torch.tensor([loss.item(), float((s_pos > s_neg + args.margin).sum()),
+        totals += torch.tensor([loss_value, float((s_pos > s_neg + args.margin).sum()),
                                 float((s_pos - s_neg).sum()), len(labels), float(stats.get("id_correct", 0)), 1],
                                dtype=torch.float64)
         n = totals[3].item()
@@ -282,14 +368,18 @@ def train(args: argparse.Namespace, make_hook: Callable[[nn.Module, argparse.Nam
     whose weights and masks are then broadcast; only rank 0 writes files and prints."""
     model_lib.check_arch(args.network_arch)
     losses_lib.parse_losses(args.loss)
+    check_training_args(args)
     out = run_dir(args)
     resume_file = out / "resume.pth"
-    if args.resume and not resume_file.is_file():
-        raise DatasetError(f"--resume: {resume_file} does not exist")
+    if distributed.is_main_process():
+        check_run_folder(out, args, method)
+    resume_state = load_resume_state(resume_file) if args.resume else None
     device = distributed.setup(args.gpu_ids)
     rank, world, main = distributed.rank(), distributed.world_size(), distributed.is_main()
     utils.seed_everything(args.seed + rank)  # augmentation differs per rank; the model init is broadcast
     train_dirs = data.training_dirs(args.data_dir, args.train_all)
+    if args.resume:
+        check_resume_classes(out, len(data.scan_sources(train_dirs)[0]), args.data_dir)
     loader = data.train_loader(train_dirs, args.batchsize, (args.height, args.width), args.workers,
                                args.erasing_p, args.color_jitter, pin_memory=device.type == "cuda",
                                seed=args.seed, rank=rank, world=world)
@@ -301,14 +391,17 @@ def train(args: argparse.Namespace, make_hook: Callable[[nn.Module, argparse.Nam
     hook.load_state_dict(distributed.broadcast_object(hook.state_dict()))
     torch.manual_seed(args.seed + rank)
     pair = wrap_for_training(net, device, args)
-    milestones = [int(m) for m in str(args.milestones).split(",") if m.strip()]
-    optimizer, scheduler = make_optimizer(net, args.lr, milestones)
+    optimizer, scheduler = make_optimizer(net, args.lr, args.milestones)
     scaler = torch.amp.GradScaler("cuda") if args.amp and device.type == "cuda" else None
     mining = torch.Generator().manual_seed(args.seed)  # the same pool draws on every rank
     start, history = 1, []
     if args.resume:
-        state = torch.load(resume_file, map_location=device, weights_only=True)
-        net.load_state_dict(state["model"])
+        state = resume_state
+        try:
+            net.load_state_dict(state["model"])
+        except RuntimeError as e:
+            raise TrainingError(f"--resume: {resume_file} does not fit {args.network_arch}: "
+                                f"{str(e).splitlines()[0]}") from None
         optimizer.load_state_dict(state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
         hook.load_state_dict(state["hook"])
@@ -322,10 +415,10 @@ def train(args: argparse.Namespace, make_hook: Callable[[nn.Module, argparse.Nam
             print(f"resuming {out} after epoch {state['epoch']}")
     elif main:
         out.mkdir(parents=True, exist_ok=True)
+    # opts.yaml is written with the first checkpoint: a run that fails in its first epoch leaves no files
+    options = {**vars(args), "nclasses": num_classes, "arch": args.network_arch, "method": method,
+               "world_size": world}
     if main:
-        options = {k: v for k, v in vars(args).items()}
-        options.update(nclasses=num_classes, arch=args.network_arch, method=method, world_size=world)
-        utils.save_options(options, out / "opts.yaml")
         if len(train_dirs) > 1:
             for source in loader.dataset.sources:
                 print(f"  {source['source']}: {source['ids']} ids, {source['images']} images")
@@ -337,6 +430,7 @@ def train(args: argparse.Namespace, make_hook: Callable[[nn.Module, argparse.Nam
         stats = train_one_epoch(pair, loader, optimizer, scaler, device, args, epoch, mining)
         lr = optimizer.param_groups[1]["lr"]
         scheduler.step()
+        check_finite_weights(net, epoch)
         note = hook.on_epoch_end(net, epoch, last) if main else ""
         distributed.broadcast_module(net)  # rank 0's pruned weights everywhere
         hook.load_state_dict(distributed.broadcast_object(hook.state_dict()))
@@ -347,6 +441,8 @@ def train(args: argparse.Namespace, make_hook: Callable[[nn.Module, argparse.Nam
         id_acc = f"id_acc {stats['id_accuracy']:.3f} " if "id_accuracy" in stats else ""
         print(f"epoch {epoch}/{args.Epochs} loss {stats['loss']:.4f} acc {stats['accuracy']:.3f} {id_acc}"
               f"margin {stats['mean_margin']:.3f} lr {lr:.2e} {stats['seconds']:.1f}s {note}".rstrip(), flush=True)
+        if epoch == start:
+            utils.save_options(options, out / "opts.yaml")
         if epoch >= args.save_epoch or last:
             weights = hook.weights_to_save(net, epoch, last)
             if epoch >= args.save_epoch:

@@ -5,24 +5,40 @@ import os
 import random
 import sys
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import numpy as np
 import torch
 import yaml
 
 from atomic_io import atomic_path, savemat_atomic, write_text_atomic  # noqa: F401  (re-exported)
+from cli import UsageError, fail, run_main  # noqa: F401  (re-exported)
+
+
+def parse_gpu_ids(gpu_ids: str) -> list[int]:
+    """'0' -> [0], '0,1' -> [0, 1]; '' and '-1' mean the CPU."""
+    parts = [i.strip() for i in str(gpu_ids).split(",") if i.strip() not in ("", "-1")]
+    if not all(p.isdigit() for p in parts):
+        raise UsageError(f"--gpu_ids must be GPU numbers such as 0 or 0,1 (or -1 for the CPU), got {gpu_ids!r}")
+    return [int(p) for p in parts]
 
 
 def select_device(gpu_ids: str) -> torch.device:
-    """The first of `--gpu_ids` when CUDA is present, else the CPU (with a note if GPUs were asked for)."""
-    ids = [int(i) for i in str(gpu_ids).split(",") if i.strip() not in ("", "-1")]
-    if ids and torch.cuda.is_available():
-        if len(ids) > 1:
-            print(f"note: one process uses one GPU (cuda:{ids[0]}); for several GPUs launch with torchrun")
-        torch.cuda.set_device(ids[0])
-        return torch.device("cuda", ids[0])
-    return torch.device("cpu")
+    """The first of `--gpu_ids` when CUDA is present (an error if that GPU does not exist), else the
+    CPU, with a note when GPUs were asked for."""
+    ids = parse_gpu_ids(gpu_ids)
+    if not ids:
+        return torch.device("cpu")
+    if not torch.cuda.is_available():
+        print(f"note: CUDA is not available, running on the CPU (--gpu_ids {gpu_ids} not used)")
+        return torch.device("cpu")
+    count = torch.cuda.device_count()
+    if max(ids) >= count:
+        raise UsageError(f"--gpu_ids {gpu_ids}: this machine has {count} GPU(s), numbered 0 to {count - 1}")
+    if len(ids) > 1:
+        print(f"note: one process uses one GPU (cuda:{ids[0]}); for several GPUs launch with torchrun")
+    torch.cuda.set_device(ids[0])
+    return torch.device("cuda", ids[0])
 
 
 def seed_everything(seed: int) -> None:
@@ -77,19 +93,3 @@ def count_macs(model: torch.nn.Module, input_size: tuple[int, int] = (256, 128))
         model.extract(torch.zeros(1, 3, *input_size, device=device))
     model.train(was_training)
     return counter.get_total_flops() // 2
-
-
-def fail(message: str, code: int = 2) -> None:
-    """Stop a script with a one-line error (a user mistake is not a traceback)."""
-    print(f"error: {message}", file=sys.stderr)
-    sys.exit(code)
-
-
-def run_main(main: Callable[[Any], Any], args: Any, user_errors: tuple[type[Exception], ...]) -> None:
-    """Call main(args), turning the expected user errors into one-line messages."""
-    try:
-        main(args)
-    except user_errors as e:
-        fail(str(e))
-    except KeyboardInterrupt:
-        fail("interrupted", 130)

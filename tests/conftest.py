@@ -1,3 +1,4 @@
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -7,10 +8,11 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def run_script(script: str, *args: str, cwd: Path | None = None, timeout: int = 600) -> subprocess.CompletedProcess:
-    """Run one of the repository's scripts as a user would; returns the completed process."""
+def run_script(script: str, *args: str, cwd: Path | None = None, timeout: int = 600,
+               env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
+    """Run one of the repository's scripts as a user would (extra environment variables in env)."""
     return subprocess.run([sys.executable, str(ROOT / script), *map(str, args)], cwd=cwd or ROOT,
-                          capture_output=True, text=True, timeout=timeout)
+                          capture_output=True, text=True, timeout=timeout, env={**os.environ, **(env or {})})
 
 
 @pytest.fixture(scope="session")

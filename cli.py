@@ -1,0 +1,88 @@
+"""Command-line plumbing shared by every script, without torch (evaluate_gpu.py and the prepare
+scripts stay fast): a parser whose mistakes are one `error: ...` line, checked number types, and
+the wrapper that turns expected user errors into that same line with exit status 2.
+"""
+from __future__ import annotations
+
+import argparse
+import math
+import re
+import sys
+from typing import Any, Callable
+
+
+class UsageError(Exception):
+    """A flag, or a combination of flags, that asks for something this tool will not do."""
+
+
+class ArgumentParser(argparse.ArgumentParser):
+    """argparse with a one-line error (exit 2) instead of the usage block."""
+
+    def error(self, message: str) -> None:  # type: ignore[override]
+        fail(f"{message} (see {self.prog} --help)")
+
+
+def _number(kind: type, low: float | None, high: float | None, low_open: bool = False, high_open: bool = False,
+            what: str = "") -> Callable[[str], Any]:
+    def parse(text: str):
+        try:
+            value = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected {what}, got {text!r}") from None
+        if isinstance(value, float) and not math.isfinite(value):
+            raise argparse.ArgumentTypeError(f"expected {what}, got {text!r}")
+        too_low = low is not None and (value <= low if low_open else value < low)
+        too_high = high is not None and (value >= high if high_open else value > high)
+        if too_low or too_high:
+            raise argparse.ArgumentTypeError(f"expected {what}, got {text!r}")
+        return value
+    parse.__name__ = what  # argparse names the type in its messages
+    return parse
+
+
+positive_int = _number(int, 0, None, low_open=True, what="an integer >= 1")
+nonnegative_int = _number(int, 0, None, what="an integer >= 0")
+positive_float = _number(float, 0, None, low_open=True, what="a number > 0")
+nonnegative_float = _number(float, 0, None, what="a number >= 0")
+probability = _number(float, 0, 1, what="a number in [0, 1]")
+prune_fraction = _number(float, 0, 1, high_open=True, what="a fraction in [0, 1)")
+
+
+def positive_int_list(text: str) -> list[int]:
+    """'40,60' -> [40, 60]; '' -> []."""
+    parts = [p.strip() for p in str(text).split(",") if p.strip()]
+    if not all(p.isdigit() and int(p) > 0 for p in parts):
+        raise argparse.ArgumentTypeError(f"expected comma-separated integers >= 1 such as 40,60, got {text!r}")
+    return [int(p) for p in parts]
+
+
+positive_int_list.__name__ = "integer list"
+
+
+def fail(message: str, code: int = 2) -> None:
+    """Stop a script with a one-line error (a user mistake is not a traceback)."""
+    print(f"error: {one_line(message)}", file=sys.stderr)
+    sys.exit(code)
+
+
+def one_line(message: str) -> str:
+    """The message itself when an error comes back from a DataLoader worker wrapped in its traceback."""
+    lines = [line for line in str(message).splitlines() if line.strip()]
+    if len(lines) > 1 and "Original Traceback" in str(message):
+        name, _, text = lines[-1].partition(": ")  # "dataset_layout.DatasetError: cannot read ..."
+        return text if text and re.fullmatch(r"[\w.]+", name) else lines[-1]
+    return " ".join(line.strip() for line in lines)
+
+
+def run_main(main: Callable[[Any], Any], args: Any, user_errors: tuple[type[Exception], ...]) -> None:
+    """Call main(args), turning the expected user errors, and the operating system's refusals (a
+    read-only folder, a full disk), into one-line messages."""
+    try:
+        main(args)
+    except user_errors + (UsageError,) as e:
+        fail(str(e))
+    except OSError as e:
+        where = f"{e.filename}: " if e.filename else ""
+        fail(f"{where}{e.strerror or e}")
+    except KeyboardInterrupt:
+        fail("interrupted", 130)

@@ -1,0 +1,82 @@
+"""Run many command lines of the repository's scripts, each in its own process, cheaply.
+
+    python tests/script_runner.py cases.json results.json
+
+Importing torch and the project costs seconds per process; here it is paid once, then every case runs
+in a process forked from this clean parent (no torch operation has run in it, so no thread pool is
+copied), as `python SCRIPT ARGS...` would run it: its own cwd, environment, argv, stdout, stderr and
+exit status. Cases: [{"script", "args", "cwd", "env"}]; results: [{"code", "stdout", "stderr"}].
+Two cases run at a time.
+"""
+import json
+import os
+import runpy
+import sys
+import tempfile
+import traceback
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+import numpy  # noqa: E402,F401
+import scipy.io  # noqa: E402,F401
+import torch  # noqa: E402,F401
+import torchvision  # noqa: E402,F401
+
+import evaluate_gpu  # noqa: E402,F401
+import iterative_compress  # noqa: E402,F401
+import prune_hooks  # noqa: E402,F401
+import test  # noqa: E402,F401
+import train_loop  # noqa: E402,F401
+
+
+def child(case: dict, out: str, err: str) -> None:
+    """In the forked process: become `python SCRIPT ARGS` and exit with its status."""
+    code = 1
+    try:
+        os.chdir(case["cwd"])
+        os.environ.update(case.get("env", {}))
+        for fd, path in ((1, out), (2, err)):
+            os.dup2(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC), fd)
+        script = str(ROOT / case["script"])
+        sys.argv = [script, *case["args"]]
+        sys.path[0] = str(ROOT)
+        runpy.run_path(script, run_name="__main__")
+        code = 0
+    except SystemExit as e:
+        if isinstance(e.code, str):
+            print(e.code, file=sys.stderr)
+        code = e.code if isinstance(e.code, int) else (0 if e.code is None else 1)
+    except BaseException:
+        traceback.print_exc()
+    finally:
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(code)
+
+
+def main() -> None:
+    cases = json.loads(Path(sys.argv[1]).read_text())
+    results: list[dict | None] = [None] * len(cases)
+    running: dict[int, tuple[int, str, str]] = {}
+    with tempfile.TemporaryDirectory() as tmp:
+        for i, case in enumerate(cases + [None]):
+            while running and (case is None or len(running) >= 2):
+                pid, status = os.wait()
+                j, out, err = running.pop(pid)
+                results[j] = {"code": os.waitstatus_to_exitcode(status), "stdout": Path(out).read_text(),
+                              "stderr": Path(err).read_text()}
+            if case is None:
+                break
+            out, err = f"{tmp}/{i}.out", f"{tmp}/{i}.err"
+            sys.stdout.flush()
+            pid = os.fork()
+            if pid == 0:
+                child(case, out, err)
+            running[pid] = (i, out, err)
+    Path(sys.argv[2]).write_text(json.dumps(results))
+
+
+if __name__ == "__main__":
+    main()
