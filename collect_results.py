@@ -19,6 +19,7 @@ from pathlib import Path
 import cli
 import data
 import utils
+from dataset_layout import DatasetError
 
 COLUMNS = ["method", "arch", "dataset", "prune_rate", "R1", "R5", "R10", "mAP", "mINP", "params_M", "GMACs",
            "cpu_ms_b1", "run"]
@@ -37,7 +38,11 @@ def run_metrics(run: Path, epoch: str) -> dict:
     """Saved metrics of a run, evaluating pytorch_result.mat when only the features exist."""
     saved = run / f"metrics_{epoch}.json"
     if saved.is_file():
-        return json.loads(saved.read_text())
+        try:
+            return json.loads(saved.read_text())
+        except ValueError:
+            raise DatasetError(f"{saved} is corrupt or truncated: delete it to recompute it from the features") \
+                from None
     features = run / "pytorch_result.mat"
     if not features.is_file():
         return {}
@@ -159,4 +164,6 @@ def main(args: argparse.Namespace) -> list[dict]:
 
 
 if __name__ == "__main__":
-    main(get_args_parser().parse_args())
+    import model as model_lib
+    from evaluate_gpu import EvaluationError
+    utils.run_main(main, get_args_parser().parse_args(), (DatasetError, EvaluationError, model_lib.ModelError))

@@ -23,15 +23,18 @@ import cli
 
 HEIGHT, WIDTH = 64, 32
 DEFAULT_OUT = {"market": "datasets/synthetic/Market", "duke": "datasets/synthetic/DukeMTMC-reID",
-               "msmt": "datasets/synthetic/MSMT17_V1"}
-DEFAULT_CAMERAS = {"market": 6, "duke": 8, "msmt": 15}
+               "msmt": "datasets/synthetic/MSMT17_V1", "cifar10": "datasets/synthetic/cifar.python",
+               "imagenet": "datasets/synthetic/ImageNet"}
+DEFAULT_CAMERAS = {"market": 6, "duke": 8, "msmt": 15, "cifar10": 0, "imagenet": 0}  # no cameras there
 MARKER = ".synthetic.json"
 
 
 def get_args_parser() -> argparse.ArgumentParser:
     p = cli.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--format", choices=["market", "duke", "msmt"], default="market",
-                   help="raw layout and file-name pattern to write")
+    p.add_argument("--format", choices=["market", "duke", "msmt", "cifar10", "imagenet"], default="market",
+                   help="raw layout and file-name pattern to write (cifar10/imagenet: classification sets for "
+                        "classification/; --ids is then the class count, --images_per_id the training "
+                        "images per class)")
     p.add_argument("--out", default=None, help="output folder (default: datasets/synthetic/<dataset name>)")
     p.add_argument("--ids", type=cli.positive_int, default=24,
                    help="number of identities; the first half (rounded up) are training ids, the rest test ids")
@@ -192,8 +195,8 @@ def main(args: argparse.Namespace) -> int:
     fmt = args.format
     out = Path(args.out or DEFAULT_OUT[fmt])
     cams = args.cameras or DEFAULT_CAMERAS[fmt]
-    limit = {"market": 6, "duke": 9, "msmt": 99}[fmt]
-    if not 2 <= cams <= limit:
+    limit = {"market": 6, "duke": 9, "msmt": 99, "cifar10": 0, "imagenet": 0}[fmt]
+    if limit and not 2 <= cams <= limit:
         print(f"error: --cameras must be between 2 and {limit} for {fmt}", file=sys.stderr)
         return 2
     if args.ids < 2 or args.images_per_id < 4:
@@ -211,7 +214,14 @@ def main(args: argparse.Namespace) -> int:
                   "pass --overwrite to replace it", file=sys.stderr)
             return 2
         shutil.rmtree(out)
-    counts = generate(fmt, out, args.ids, args.images_per_id, cams, args.seed)
+    if fmt == "cifar10":
+        from classification.synthetic import write_cifar10
+        counts = write_cifar10(out, args.images_per_id, args.seed)
+    elif fmt == "imagenet":
+        from classification.synthetic import write_imagenet
+        counts = write_imagenet(out, args.ids, args.images_per_id, args.seed)
+    else:
+        counts = generate(fmt, out, args.ids, args.images_per_id, cams, args.seed)
     marker.write_text(json.dumps(params))
     print(f"wrote synthetic {fmt} dataset to {out}: " + ", ".join(f"{k} {v}" for k, v in sorted(counts.items())))
     return 0

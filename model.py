@@ -16,7 +16,9 @@ ARCHS = ("resnet18", "resnet34", "resnet50")
 FEATURE_DIM = {"resnet18": 512, "resnet34": 512, "resnet50": 2048}
 IMAGENET_WEIGHTS = {"resnet18": torchvision.models.ResNet18_Weights.IMAGENET1K_V1,
                     "resnet34": torchvision.models.ResNet34_Weights.IMAGENET1K_V1,
-                    "resnet50": torchvision.models.ResNet50_Weights.IMAGENET1K_V1}
+                    "resnet50": torchvision.models.ResNet50_Weights.IMAGENET1K_V1,
+                    "resnet101": torchvision.models.ResNet101_Weights.IMAGENET1K_V1,  # classification/ only
+                    "resnet152": torchvision.models.ResNet152_Weights.IMAGENET1K_V1}
 
 
 class ModelError(Exception):
@@ -31,7 +33,9 @@ def check_arch(arch: str) -> str:
 
 def imagenet_cache_path(arch: str) -> Path:
     """Where torchvision's weights API keeps the ImageNet weights of `arch` (never downloaded here)."""
-    url = IMAGENET_WEIGHTS[check_arch(arch)].url
+    if arch not in IMAGENET_WEIGHTS:
+        raise ModelError(f"no ImageNet weights for {arch!r}; choose one of {', '.join(IMAGENET_WEIGHTS)}")
+    url = IMAGENET_WEIGHTS[arch].url
     return Path(torch.hub.get_dir()) / "checkpoints" / os.path.basename(url)
 
 

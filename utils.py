@@ -83,13 +83,13 @@ def load_options(path: str | os.PathLike) -> dict:
 
 
 def count_macs(model: torch.nn.Module, input_size: tuple[int, int] = (256, 128)) -> int:
-    """Multiply-accumulates of one feature extraction (`model.extract`) at batch 1, by FlopCounterMode."""
+    """Multiply-accumulates of one forward at batch 1 (`model.extract` for a re-ID network), by FlopCounterMode."""
     from torch.utils.flop_counter import FlopCounterMode
     device = next(model.parameters()).device
     was_training = model.training
     model.eval()
     counter = FlopCounterMode(display=False)
     with counter, torch.no_grad():
-        model.extract(torch.zeros(1, 3, *input_size, device=device))
+        getattr(model, "extract", model)(torch.zeros(1, 3, *input_size, device=device))
     model.train(was_training)
     return counter.get_total_flops() // 2

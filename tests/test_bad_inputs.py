@@ -154,6 +154,8 @@ def make_bad_files(root: Path, data12: Path) -> dict[str, Path]:
     (bad / "quant_out").mkdir()
     (bad / "quant_out" / "fp32.onnx").write_bytes(b"earlier result")
     (bad / "a_file").write_text("not a folder")
+    shutil.copytree(run, bad / "collect" / "ft_resnet18" / "run")
+    (bad / "collect" / "ft_resnet18" / "run" / "metrics_last.json").write_text('{"rank1": 0.5, "mA')
     return paths
 
 
@@ -243,6 +245,8 @@ def bad_cases(p: dict[str, Path]) -> list[tuple[str, str, list, str]]:
          "argument --batch_sizes"),
         ("synthetic: ids 0", "make_synthetic_data.py", ["--ids", "0", "--out", p["bad"] / "syn"], "argument --ids"),
         ("demo: epochs -1", "demo.py", ["--epochs", "-1"], "argument --epochs"),
+        ("collect: truncated metrics", "collect_results.py", ["--results_dir", p["bad"] / "collect",
+                                                              "--out", p["bad"] / "collect_out"], "truncated"),
     ]
 
 

@@ -1,0 +1,323 @@
+"""The one training loop of the classification scripts (CIFAR and ImageNet recipes, with or without SFP).
+
+pruning_cifar10_resnet.py, pruning_train.py and original_train.py only translate their command lines
+(the SFP code's flag names) into a `Recipe`; `run` does the rest, top to bottom: data, model, masks,
+optimiser, then per epoch train -> mask -> evaluate (the accuracy reported is after masking) -> save.
+"""
+from __future__ import annotations
+
+import argparse
+import csv
+import io
+import json
+import math
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from torch import nn
+from tqdm import tqdm
+
+import distributed
+import utils
+from classification import data as cdata
+from classification import flops
+from classification.models import CIFAR_DEPTHS, ModelError, build_model, check_arch
+from classification.sfp import SoftFilterMask, pruned_layers
+from classification.small import has_constants, make_small_model, zero_filters
+from dataset_layout import DatasetError
+
+
+class TrainingError(Exception):
+    """Training cannot go on (a non-finite loss, a run that would be overwritten); printed as one line."""
+
+
+USER_ERRORS = (DatasetError, ModelError, TrainingError)
+
+
+@dataclass
+class Recipe:
+    """One run, whatever script it came from."""
+    data: str
+    arch: str
+    save_dir: str
+    epochs: int
+    batch_size: int
+    lr: float
+    momentum: float
+    weight_decay: float
+    nesterov: bool
+    workers: int
+    seed: int
+    schedule: list[int] = field(default_factory=list)  # CIFAR: lr x gammas[i] from epoch schedule[i]
+    gammas: list[float] = field(default_factory=list)
+    lr_adjust: int = 0  # ImageNet: lr / 10 every lr_adjust epochs
+    prune: bool = False
+    rate: float = 1.0
+    layer_begin: int = 0
+    layer_end: int = 0
+    layer_inter: int = 3
+    epoch_prune: int = 1
+    skip_downsample: bool = True
+    prune_bn: bool = False
+    pretrained: bool | str = False
+    sparse: str | None = None
+    resume: str | None = None
+    evaluate: bool = False
+    gpu_ids: str = "0"
+    image_size: int = 224
+
+    @property
+    def cifar(self) -> bool:
+        return self.arch in CIFAR_DEPTHS
+
+    def learning_rate(self, epoch: int) -> float:
+        """lr of 0-based `epoch` (the SFP code's adjust_learning_rate for each recipe)."""
+        if self.lr_adjust:
+            return self.lr * 0.1 ** (epoch // self.lr_adjust)
+        lr = self.lr
+        for gamma, start in zip(self.gammas, self.schedule):
+            if epoch < start:
+                break
+            lr *= gamma
+        return lr
+
+
+def check_recipe(r: Recipe) -> None:
+    check_arch(r.arch)
+    if r.schedule and len(r.schedule) != len(r.gammas):
+        raise ModelError(f"--schedule has {len(r.schedule)} epochs but --gammas {len(r.gammas)} factors")
+    if r.evaluate and not r.resume:
+        raise ModelError("-e/--evaluate needs --resume CHECKPOINT (the model to evaluate)")
+    if r.sparse and r.resume:
+        raise ModelError("--use_sparse starts a new run from --sparse; --resume continues one: give one of them")
+    if r.prune and not 0 < r.rate <= 1:
+        raise ModelError(f"--rate is the fraction of filters KEPT, in (0, 1]; got {r.rate}")
+    if r.pretrained and (r.sparse or r.resume):
+        raise ModelError("--use_pretrain starts from ImageNet weights; --sparse/--resume give other weights")
+
+
+def load_checkpoint(path: str | Path) -> dict:
+    path = Path(path)
+    if not path.is_file():
+        raise ModelError(f"checkpoint {path} does not exist")
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:
+        raise ModelError(f"checkpoint {path} is corrupt or not weights-only ({type(e).__name__})") from None
+    if not isinstance(state, dict) or "state_dict" not in state:
+        raise ModelError(f"checkpoint {path} is not a checkpoint of these scripts (no state_dict)")
+    return state
+
+
+def load_weights(net: nn.Module, state: dict, path: str | Path) -> None:
+    try:
+        net.load_state_dict(state["state_dict"])
+    except RuntimeError as e:
+        raise ModelError(f"{path} does not fit {state.get('arch', '?')}: {str(e).splitlines()[0]}") from None
+
+
+def datasets(r: Recipe) -> tuple[torch.utils.data.Dataset, torch.utils.data.Dataset, int]:
+    """(train set, test set, number of classes)."""
+    if r.cifar:
+        return (cdata.Cifar10(r.data, True, cdata.cifar_transforms(True)),
+                cdata.Cifar10(r.data, False, cdata.cifar_transforms(False)), 10)
+    train, val = cdata.imagenet_folder(r.data, True, r.image_size), cdata.imagenet_folder(r.data, False, r.image_size)
+    if train.classes != val.classes:
+        raise DatasetError(f"{r.data}: train/ and val/ have different class folders")
+    return train, val, len(train.classes)
+
+
+def accuracy(logits: torch.Tensor, target: torch.Tensor, topk=(1, 5)) -> list[float]:
+    """Correct predictions (counts) within the top k, for each k."""
+    k = min(max(topk), logits.shape[1])
+    pred = logits.topk(k, 1).indices
+    hit = pred == target[:, None]
+    return [float(hit[:, :min(t, k)].any(1).sum()) for t in topk]
+
+
+def train_one_epoch(model: nn.Module, loader, optimizer, device: torch.device, epoch: int, r: Recipe) -> dict:
+    model.train()
+    loader.sampler.set_epoch(epoch)
+    criterion = nn.CrossEntropyLoss()
+    totals = torch.zeros(4, dtype=torch.float64)  # loss sum, top1, top5, images
+    t0 = time.time()
+    bar = tqdm(loader, desc=f"epoch {epoch + 1}/{r.epochs}", leave=False, mininterval=1.0,
+               disable=None if distributed.is_main() else True)
+    for step, (images, target) in enumerate(bar, 1):
+        images, target = images.to(device, non_blocking=True), target.to(device, non_blocking=True)
+        logits = model(images)
+        loss = criterion(logits, target)
+        if not math.isfinite(loss.item()):
+            raise TrainingError(f"the loss is {loss.item()} at epoch {epoch + 1}, step {step}/{len(loader)}: "
+                                "training diverged (try a lower learning rate); the last checkpoint is the "
+                                "previous epoch's")
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        totals += torch.tensor([loss.item() * len(target), *accuracy(logits.detach(), target), len(target)],
+                               dtype=torch.float64)
+        bar.set_postfix(loss=f"{totals[0].item() / totals[3].item():.3f}")
+    loss, top1, top5, n = distributed.sum_over_ranks(totals.tolist(), device)
+    return {"loss": loss / max(n, 1), "train_top1": 100 * top1 / max(n, 1), "seconds": time.time() - t0}
+
+
+@torch.no_grad()
+def evaluate(model: nn.Module, loader, device: torch.device) -> dict:
+    """Top-1 / top-5 (%) over the whole test set (summed over ranks under torchrun)."""
+    model.eval()
+    totals = torch.zeros(3, dtype=torch.float64)
+    for images, target in tqdm(loader, desc="test", leave=False, mininterval=1.0,
+                               disable=None if distributed.is_main() else True):
+        logits = model(images.to(device, non_blocking=True))
+        totals += torch.tensor([*accuracy(logits, target.to(device)), len(target)], dtype=torch.float64)
+    top1, top5, n = distributed.sum_over_ranks(totals.tolist(), device)
+    return {"top1": 100 * top1 / max(n, 1), "top5": 100 * top5 / max(n, 1)}
+
+
+def cost_report(net: nn.Module, r: Recipe, layers: list[str]) -> dict:
+    """Params and MACs of the network and of its small model (from the current zeros), and the paper's
+    formula, as numbers and as one printable line."""
+    size = 32 if r.cifar else r.image_size
+    full_macs, full_params = flops.macs(net, size), flops.params(net)
+    pruned = zero_filters(net, layers)
+    with torch.random.fork_rng(devices=[]):  # building modules draws random inits: keep training's RNG as is
+        small = make_small_model(net, pruned, has_constants(net, pruned))
+    small_macs, small_params = flops.macs(small, size), flops.params(small)
+    paper = flops.paper_reduction(r.arch, r.rate) if r.prune else 0.0
+    report = {"macs": full_macs, "params": full_params, "small_macs": small_macs, "small_params": small_params,
+              "real_reduction": 1 - small_macs / full_macs, "paper_reduction": paper}
+    paper_text = f"paper formula {100 * paper:.1f}% fewer FLOPs, " if paper is not None else ""
+    report["line"] = (f"{paper_text}small model {small_macs / 1e6:.2f} M MACs of {full_macs / 1e6:.2f} M "
+                      f"({100 * report['real_reduction']:.1f}% fewer, flop_counter at {size}x{size}), "
+                      f"{small_params / 1e6:.3f} M of {full_params / 1e6:.3f} M params")
+    return report
+
+
+def write_log(history: list[dict], path: Path) -> None:
+    buf = io.StringIO()
+    fields = ["epoch", "lr", "loss", "train_top1", "top1", "top5", "seconds"]
+    writer = csv.DictWriter(buf, fields, extrasaction="ignore")
+    writer.writeheader()
+    writer.writerows(history)
+    utils.write_text_atomic(buf.getvalue(), path)
+
+
+def check_save_dir(r: Recipe, overwrite: bool) -> Path:
+    out = Path(r.save_dir)
+    resuming_here = r.resume and Path(r.resume).resolve().parent == out.resolve()
+    if not r.evaluate and (out / "checkpoint.pth").is_file() and not (overwrite or resuming_here):
+        raise TrainingError(f"{out} already holds a run: pass --resume {out / 'checkpoint.pth'} to continue it, "
+                            "--overwrite to replace it, or choose another save folder")
+    return out
+
+
+def run(r: Recipe, overwrite: bool = False) -> dict:
+    """Train (and prune), or with r.evaluate only evaluate; returns the final metrics."""
+    check_recipe(r)
+    out = check_save_dir(r, overwrite)
+    resume = load_checkpoint(r.resume) if r.resume else None
+    sparse = load_checkpoint(r.sparse) if r.sparse else None
+    device = distributed.setup(r.gpu_ids)
+    rank, world, main = distributed.rank(), distributed.world_size(), distributed.is_main()
+    utils.seed_everything(r.seed + rank)
+    train_set, test_set, num_classes = datasets(r)
+    train_loader = cdata.make_loader(train_set, r.batch_size, True, r.workers, r.seed, rank, world,
+                                     device.type == "cuda")
+    test_loader = cdata.make_loader(test_set, r.batch_size, False, r.workers, r.seed, rank, world,
+                                    device.type == "cuda")
+    torch.manual_seed(r.seed)
+    net = build_model(r.arch, num_classes, r.pretrained).to(device)
+    for state, path in ((resume, r.resume), (sparse, r.sparse)):
+        if state is not None:
+            load_weights(net, state, path)
+    layers = pruned_layers(net, r.layer_begin, r.layer_end, r.layer_inter, r.skip_downsample) if r.prune else []
+    mask = SoftFilterMask(layers, r.rate, r.prune_bn) if r.prune else None
+    if r.evaluate:
+        metrics = evaluate(net, test_loader, device)
+        if main:
+            print(f"{r.resume}: top-1 {metrics['top1']:.2f}% top-5 {metrics['top5']:.2f}% "
+                  f"({len(test_set)} test images, the weights as saved)")
+        return metrics
+    optimizer = torch.optim.SGD(net.parameters(), lr=r.learning_rate(0), momentum=r.momentum,
+                                weight_decay=r.weight_decay, nesterov=r.nesterov)
+    start, history, best = 0, [], {"top1": -1.0, "epoch": 0}
+    if resume is not None and "optimizer" in resume:
+        optimizer.load_state_dict(resume["optimizer"])
+        start, history, best = resume["epoch"], resume["history"], resume["best"]
+        utils.set_rng_state(resume["rng"])
+    elif mask is not None:  # SFP masks once before training
+        mask.step(net)
+        distributed.broadcast_module(net)
+    model = net if world == 1 else nn.parallel.DistributedDataParallel(
+        net, device_ids=[device] if device.type == "cuda" else None)
+    if main:
+        what = f"SFP keep {r.rate} on {len(layers)} convs" if r.prune else "no pruning"
+        print(f"{r.arch}: {num_classes} classes, {len(train_set)} train / {len(test_set)} test images, {what}, "
+              f"device {device}{f' x {world}' if world > 1 else ''}, outputs in {out}")
+        if r.prune:
+            print("  " + cost_report(net, r, layers)["line"])
+    for epoch in range(start, r.epochs):
+        lr = r.learning_rate(epoch)
+        for group in optimizer.param_groups:
+            group["lr"] = lr
+        stats = train_one_epoch(model, train_loader, optimizer, device, epoch, r)
+        if mask is not None and (epoch % r.epoch_prune == 0 or epoch == r.epochs - 1):
+            if main:
+                mask.step(net)
+            distributed.broadcast_module(net)
+        metrics = evaluate(model, test_loader, device)
+        if not main:
+            continue
+        history.append({"epoch": epoch + 1, "lr": lr, **stats, **metrics})
+        if metrics["top1"] > best["top1"]:
+            best = {"top1": metrics["top1"], "top5": metrics["top5"], "epoch": epoch + 1}
+            utils.save_atomic(checkpoint(net, r, num_classes, layers, epoch + 1, None, history, best),
+                              out / "model_best.pth")
+        print(f"epoch {epoch + 1}/{r.epochs} lr {lr:.4g} loss {stats['loss']:.4f} train {stats['train_top1']:.2f}% "
+              f"| test top-1 {metrics['top1']:.2f}% top-5 {metrics['top5']:.2f}%{' after masking' if mask else ''} "
+              f"| best {best['top1']:.2f}% (epoch {best['epoch']}) {stats['seconds']:.1f}s", flush=True)
+        utils.save_atomic(checkpoint(net, r, num_classes, layers, epoch + 1, optimizer, history, best),
+                          out / "checkpoint.pth")
+        write_log(history, out / "log.csv")
+    result = finish(net, r, layers, history, best, out) if main and history else {}
+    distributed.cleanup()
+    return result
+
+
+def checkpoint(net: nn.Module, r: Recipe, num_classes: int, layers: list[str], epoch: int, optimizer,
+               history: list[dict], best: dict) -> dict:
+    """Tensors and plain values only (loads with weights_only=True); the recipe comes along for get_small."""
+    state = {"arch": r.arch, "num_classes": num_classes, "state_dict": net.state_dict(), "epoch": epoch,
+             "layers": layers, "rate": r.rate if r.prune else 1.0, "prune_bn": r.prune_bn, "history": history,
+             "best": best, "image_size": 32 if r.cifar else r.image_size}
+    if optimizer is not None:
+        state.update(optimizer=optimizer.state_dict(), rng=utils.rng_state())
+    return state
+
+
+def finish(net: nn.Module, r: Recipe, layers: list[str], history: list[dict], best: dict, out: Path) -> dict:
+    last = history[-1]
+    result = {"arch": r.arch, "rate": r.rate if r.prune else 1.0, "prune_bn": r.prune_bn, "epochs": last["epoch"],
+              "top1_last": last["top1"], "top5_last": last["top5"], "top1_best": best["top1"],
+              "top5_best": best["top5"], "best_epoch": best["epoch"]}
+    cost = cost_report(net, r, layers)
+    result.update({k: v for k, v in cost.items() if k != "line"})
+    utils.write_text_atomic(json.dumps(result, indent=2), out / "metrics.json")
+    print(f"last epoch: top-1 {last['top1']:.2f}% top-5 {last['top5']:.2f}%; best epoch ({best['epoch']}, "
+          f"chosen on the test set as the SFP code does): top-1 {best['top1']:.2f}% top-5 {best['top5']:.2f}%")
+    print(cost["line"])
+    return result
+
+
+def add_device_args(p: argparse.ArgumentParser) -> None:
+    import cli
+    p.add_argument("--gpu_ids", default="0", help="GPU id; the CPU is used when CUDA is absent (several GPUs: "
+                                                  "torchrun --nproc_per_node N -m classification....)")
+    p.add_argument("--prune_bn", action="store_true",
+                   help="also zero the BN weight and bias of pruned filters (the re-ID scripts' semantics); "
+                        "default: conv weights only, as the SFP code")
+    p.add_argument("--overwrite", action="store_true", help="replace a run already in the save folder")
+    p.add_argument("--image_size", type=cli.positive_int, default=224,
+                   help="ImageNet crop size (224 in the paper; smaller for quick runs)")

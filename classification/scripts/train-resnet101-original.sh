@@ -1,0 +1,6 @@
+#!/usr/bin/env bash
+# Unpruned resnet101 on ImageNet (the paper's baseline): 100 epochs, lr 0.1 / 10 every 30 epochs.
+set -euo pipefail
+cd "$(dirname "$0")/../.."
+source classification/scripts/config.sh
+run python -m classification.original_train -a resnet101 --save_dir "$SNAPSHOTS/resnet101-baseline" "$IMAGENET_DATA"
