@@ -24,10 +24,12 @@ def get_args_parser() -> argparse.ArgumentParser:
     p.add_argument("--results_dir", default="./results", help="root folder of the runs")
     p.add_argument("--ids", type=cli.positive_int, default=40, help="identities in the synthetic dataset")
     p.add_argument("--epochs", type=cli.positive_int, default=8, help="training epochs")
-    p.add_argument("--height", type=cli.positive_int, default=64, help="training/test input height (the paper uses 256)")
+    p.add_argument("--height", type=cli.positive_int, default=64,
+                   help="training/test input height (the paper uses 256)")
     p.add_argument("--width", type=cli.positive_int, default=32, help="training/test input width (the paper uses 128)")
     p.add_argument("--prune_rate", type=cli.prune_fraction, default=0.5, help="BAFD prune rate")
-    p.add_argument("--runtime_repeats", type=cli.positive_int, default=5, help="timed runs per model in the runtime table")
+    p.add_argument("--runtime_repeats", type=cli.positive_int, default=5,
+                   help="timed runs per model in the runtime table")
     return p
 
 

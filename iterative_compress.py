@@ -41,7 +41,8 @@ def get_args_parser() -> argparse.ArgumentParser:
     p.add_argument("--rounds", type=cli.positive_int, default=3, help="number of prune -> shrink -> fine-tune rounds")
     p.add_argument("--criterion", default="l1", choices=pruner.CRITERIA, help="which filters a round removes")
     p.add_argument("--knn", type=cli.positive_int, default=2, help="BAFD/FPGM neighbourhood size k")
-    p.add_argument("--max_lrate", type=cli.prune_fraction, default=0.95, help="BAFD: most a layer may lose in one round")
+    p.add_argument("--max_lrate", type=cli.prune_fraction, default=0.95,
+                   help="BAFD: most a layer may lose in one round")
     p.add_argument("--test_dir", default=None,
                    help="dataset whose query/gallery give the per-round mAP and Rank-1 (default: first --data_dir)")
     train_loop.add_training_args(p, lr=0.01, help_overrides={

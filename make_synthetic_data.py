@@ -41,7 +41,8 @@ def get_args_parser() -> argparse.ArgumentParser:
     p.add_argument("--images_per_id", type=cli.positive_int, default=12, help="images per identity (at least 4)")
     p.add_argument("--cameras", type=cli.positive_int, default=None,
                    help="number of cameras (default: 6 market, 8 duke, 15 msmt; market allows at most 6, msmt 99)")
-    p.add_argument("--seed", type=cli.nonnegative_int, default=0, help="random seed; the same seed gives byte-identical files")
+    p.add_argument("--seed", type=cli.nonnegative_int, default=0,
+                   help="random seed; the same seed gives byte-identical files")
     p.add_argument("--overwrite", action="store_true",
                    help="delete OUT first when it holds something other than this exact synthetic dataset")
     return p

@@ -67,7 +67,8 @@ def add_pruning_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser
     """BAFD's own flags (APFP_train.py)."""
     parser.add_argument("--knn", type=cli.positive_int, default=2,
                         help="local power = sum of the k smallest distances (self included): 2 = nearest other")
-    parser.add_argument("--max_lrate", type=cli.prune_fraction, default=0.95, help="largest prune rate any one layer gets")
+    parser.add_argument("--max_lrate", type=cli.prune_fraction, default=0.95,
+                        help="largest prune rate any one layer gets")
     parser.add_argument("--decay_rate", type=cli.probability, default=0.3,
                         help="selected filters (conv weight, BN weight and bias) are multiplied by this each epoch")
     parser.add_argument("--efficient_pruning", action="store_true",

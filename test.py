@@ -37,8 +37,10 @@ def get_args_parser() -> argparse.ArgumentParser:
     p.add_argument("--gpu_ids", default="0", help="GPU id; the CPU is used when CUDA is absent")
     p.add_argument("--batchsize", type=cli.positive_int, default=128, help="images per forward pass")
     p.add_argument("--workers", type=cli.nonnegative_int, default=4, help="data-loading worker processes")
-    p.add_argument("--height", type=cli.positive_int, default=None, help="input height (default: the run's opts.yaml, else 256)")
-    p.add_argument("--width", type=cli.positive_int, default=None, help="input width (default: the run's opts.yaml, else 128)")
+    p.add_argument("--height", type=cli.positive_int, default=None,
+                   help="input height (default: the run's opts.yaml, else 256)")
+    p.add_argument("--width", type=cli.positive_int, default=None,
+                   help="input width (default: the run's opts.yaml, else 128)")
     p.add_argument("--mat", default="pytorch_result.mat", help="where to write the features")
     p.add_argument("--multi", action="store_true",
                    help="also write multi-query features from the dataset's multi-query/ folder (Market)")

@@ -16,6 +16,7 @@ from typing import Callable
 
 import torch
 from torch import nn
+import yaml
 from tqdm import tqdm
 
 import cli
@@ -60,10 +61,14 @@ def add_training_args(parser: argparse.ArgumentParser, lr: float = 0.01,
                    help="a prepared dataset's pytorch/ folder, or several comma-separated ones trained on together "
                         "(identities relabelled so that datasets never share a label)")
     p.add_argument("--train_all", action="store_true", help="train on train_all (train + val) instead of train")
-    p.add_argument("--batchsize", type=cli.positive_int, default=32, help="anchors per batch (each brings 4 positives)")
-    p.add_argument("--lr", type=cli.positive_float, default=lr, help="learning rate of the head; the backbone uses 0.1 * lr")
-    p.add_argument("--Epochs", type=cli.nonnegative_int if zero_epochs else cli.positive_int, default=70, help=helps.get("--Epochs", "number of training epochs"))
-    p.add_argument("--milestones", type=cli.positive_int_list, default=[40, 60], help="epochs at which the learning rate is multiplied by 0.1")
+    p.add_argument("--batchsize", type=cli.positive_int, default=32,
+                   help="anchors per batch (each brings 4 positives)")
+    p.add_argument("--lr", type=cli.positive_float, default=lr,
+                   help="learning rate of the head; the backbone uses 0.1 * lr")
+    p.add_argument("--Epochs", type=cli.nonnegative_int if zero_epochs else cli.positive_int, default=70,
+                   help=helps.get("--Epochs", "number of training epochs"))
+    p.add_argument("--milestones", type=cli.positive_int_list, default=[40, 60],
+                   help="comma-separated epochs at which the learning rate is multiplied by 0.1")
     p.add_argument("--save_epoch", type=cli.positive_int, default=60,
                    help="save net_<epoch>.pth from this (1-based) epoch on; net_last.pth is always saved")
     p.add_argument("--network_arch", default="resnet50",
@@ -72,7 +77,8 @@ def add_training_args(parser: argparse.ArgumentParser, lr: float = 0.01,
                    help=helps.get("--prune_rate", "fraction of filters removed"))
     p.add_argument("--erasing_p", type=cli.probability, default=0.0, help="random erasing probability (0 = off)")
     p.add_argument("--color_jitter", action="store_true", help="use colour jitter in training")
-    p.add_argument("--poolsize", type=cli.positive_int, default=128, help="hard negatives are mined among this many positives")
+    p.add_argument("--poolsize", type=cli.positive_int, default=128,
+                   help="hard negatives are mined among this many positives")
     p.add_argument("--margin", type=cli.nonnegative_float, default=0.3, help="triplet margin on cosine similarities")
     p.add_argument("--loss", default="triplet",
                    help="training loss: triplet (the paper), circle, softmax, or several joined by '+' "
@@ -87,7 +93,8 @@ def add_training_args(parser: argparse.ArgumentParser, lr: float = 0.01,
                                   "torchvision's local cache)"))
     p.add_argument("--no_pretrained", action="store_true",
                    help=helps.get("--no_pretrained", "train from random initialisation"))
-    p.add_argument("--seed", type=cli.nonnegative_int, default=0, help="random seed (data order, augmentation, mining, init)")
+    p.add_argument("--seed", type=cli.nonnegative_int, default=0,
+                   help="random seed (data order, augmentation, mining, init)")
     p.add_argument("--resume", action="store_true",
                    help=helps.get("--resume", "continue RESULTS_DIR/ft_<arch>/<name>/ from resume.pth"))
     p.add_argument("--workers", type=cli.nonnegative_int, default=4, help="data-loading worker processes")
@@ -108,6 +115,7 @@ def add_training_args(parser: argparse.ArgumentParser, lr: float = 0.01,
 PIPELINE_UNUSED_FLAGS = {"--name": "not used (outputs go to --out)", "--results_dir": "not used (outputs go to --out)",
                          "--network_arch": "not used (read from the checkpoint)",
                          "--pretrained": "not used (--checkpoint gives the weights)", "--no_pretrained": "not used"}
+
 
 class TrainingError(Exception):
     """Training cannot go on (a non-finite loss, a run folder that would be overwritten, a resume that
@@ -130,8 +138,6 @@ def check_training_args(args: argparse.Namespace) -> None:
     if getattr(args, "max_lrate", None) is not None and args.max_lrate < args.prune_rate:
         raise cli.UsageError(f"--max_lrate {args.max_lrate} is below --prune_rate {args.prune_rate}: no layer "
                              "allocation can reach the overall rate")
-    if getattr(args, "knn", 2) < 1:
-        raise cli.UsageError(f"--knn must be at least 1, got {args.knn}")
 
 
 def check_run_folder(out: Path, args: argparse.Namespace, method: str) -> None:
@@ -143,7 +149,7 @@ def check_run_folder(out: Path, args: argparse.Namespace, method: str) -> None:
         opts_file = out / "opts.yaml"
         try:
             saved = utils.load_options(opts_file)
-        except (OSError, ValueError) as e:  # yaml's errors are ValueErrors
+        except (OSError, ValueError, yaml.YAMLError) as e:
             raise TrainingError(f"--resume: cannot read {opts_file} ({type(e).__name__})") from None
         asked = {**vars(args), "method": method}
         for key in RESUME_MUST_MATCH:
@@ -300,9 +306,10 @@ def train_one_epoch(pair, loader, optimizer, scaler, device, args, epoch: int, g
         loss, stats = loss_and_backward(pair, imgs, labels, positives, args, generator, scaler)
         loss_value = loss.item()
         if not math.isfinite(loss_value):
-            raise TrainingError(f"the loss is {loss_value} at epoch {epoch}, step {step - (epoch - 1) * len(loader) + 1}"
-                                f"/{len(loader)}: training diverged (try a lower --lr); the last good checkpoint "
-                                "is that of the previous epoch, and this epoch was not saved")
+            in_epoch = step - (epoch - 1) * len(loader) + 1
+            raise TrainingError(f"the loss is {loss_value} at epoch {epoch}, step {in_epoch}/{len(loader)}: training "
+                                "diverged (try a lower --lr); the last good checkpoint is that of the previous "
+                                "epoch, and this epoch was not saved")
         if scaler is not None:
             scaler.step(optimizer)
             scaler.update()

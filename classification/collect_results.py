@@ -35,7 +35,8 @@ def rows(folders: list[str]) -> list[dict]:
                               "top5_best": m["top5_best"], "best_epoch": m["best_epoch"],
                               "paper_flops_down": None if paper is None else round(100 * paper, 1),
                               "real_flops_down": round(100 * m["real_reduction"], 1),
-                              "params_M": round(m["params"] / 1e6, 3), "small_params_M": round(m["small_params"] / 1e6, 3)})
+                              "params_M": round(m["params"] / 1e6, 3),
+                              "small_params_M": round(m["small_params"] / 1e6, 3)})
             except (ValueError, KeyError, TypeError):
                 print(f"note: skipping {path} (not a classification run's metrics)")
     return found

@@ -20,6 +20,7 @@ from torch import nn
 from tqdm import tqdm
 
 import distributed
+import model as reid_model
 import utils
 from classification import data as cdata
 from classification import flops
@@ -33,7 +34,7 @@ class TrainingError(Exception):
     """Training cannot go on (a non-finite loss, a run that would be overwritten); printed as one line."""
 
 
-USER_ERRORS = (DatasetError, ModelError, TrainingError)
+USER_ERRORS = (DatasetError, reid_model.ModelError, TrainingError)  # ModelError of both packages
 
 
 @dataclass
@@ -99,16 +100,7 @@ def check_recipe(r: Recipe) -> None:
 
 
 def load_checkpoint(path: str | Path) -> dict:
-    path = Path(path)
-    if not path.is_file():
-        raise ModelError(f"checkpoint {path} does not exist")
-    try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:
-        raise ModelError(f"checkpoint {path} is corrupt or not weights-only ({type(e).__name__})") from None
-    if not isinstance(state, dict) or "state_dict" not in state:
-        raise ModelError(f"checkpoint {path} is not a checkpoint of these scripts (no state_dict)")
-    return state
+    return reid_model.load_checkpoint(path, "state_dict", "a checkpoint of the classification scripts")
 
 
 def load_weights(net: nn.Module, state: dict, path: str | Path) -> None:

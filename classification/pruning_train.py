@@ -32,7 +32,8 @@ def add_imagenet_args(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
     p.add_argument("--momentum", type=cli.probability, default=0.9, help="SGD momentum")
     p.add_argument("--weight-decay", "--wd", dest="weight_decay", type=cli.nonnegative_float, default=1e-4,
                    help="weight decay")
-    p.add_argument("--lr_adjust", type=cli.positive_int, default=30, help="divide the learning rate by 10 every N epochs")
+    p.add_argument("--lr_adjust", type=cli.positive_int, default=30,
+                   help="divide the learning rate by 10 every N epochs")
     p.add_argument("--resume", default=None, help="continue this checkpoint.pth (with -e: evaluate it)")
     p.add_argument("-e", "--evaluate", action="store_true", help="only evaluate --resume (the model with zeros)")
     p.add_argument("--use_pretrain", action="store_true",

@@ -22,16 +22,7 @@ SFP_RUNS=${SFP_RUNS:-"resnet50:0.9 resnet50:0.5 resnet34:0.5"}
 FPGM_RUNS=${FPGM_RUNS:-"resnet18:0.9 resnet18:0.5"}
 HFP_RUNS=${HFP_RUNS:-"resnet18:0.9 resnet18:0.5"}
 
-# run CMD...: run it, or print it when DRY_RUN=1
-run() {
-    if [ "${DRY_RUN:-0}" = 1 ]; then
-        printf '%q ' "$@"
-        echo
-    else
-        echo "+ $*"
-        "$@"
-    fi
-}
+source scripts/common.sh
 
 # grid: one line "method arch rate dataset" per run of the whole comparison
 grid() {

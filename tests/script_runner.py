@@ -1,18 +1,20 @@
-"""Run many command lines of the repository's scripts, each in its own process, cheaply.
+"""Run command lines of the repository's scripts, each in its own process, cheaply.
 
-    python tests/script_runner.py cases.json results.json
+    python tests/script_runner.py cases.json results.json    # a batch, two at a time
+    python tests/script_runner.py --serve                     # one JSON case per stdin line, answers on stdout
 
-Importing torch and the project costs seconds per process; here it is paid once, then every case runs
+Importing torch and torchvision costs about 5 s per process; here it is paid once, then every case runs
 in a process forked from this clean parent (no torch operation has run in it, so no thread pool is
 copied), as `python SCRIPT ARGS...` would run it: its own cwd, environment, argv, stdout, stderr and
-exit status. Cases: [{"script", "args", "cwd", "env"}]; results: [{"code", "stdout", "stderr"}].
-Two cases run at a time.
+exit status. Case: {"script", "args", "cwd", "env", "timeout"}; result: {"code", "stdout", "stderr"}.
 """
 import json
 import os
 import runpy
+import signal
 import sys
 import tempfile
+import time
 import traceback
 from pathlib import Path
 
@@ -37,6 +39,7 @@ def child(case: dict, out: str, err: str) -> None:
     try:
         os.chdir(case["cwd"])
         os.environ.update(case.get("env", {}))
+        os.dup2(os.open(os.devnull, os.O_RDONLY), 0)
         for fd, path in ((1, out), (2, err)):
             os.dup2(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC), fd)
         script = str(ROOT / case["script"])
@@ -56,8 +59,21 @@ def child(case: dict, out: str, err: str) -> None:
         os._exit(code)
 
 
-def main() -> None:
-    cases = json.loads(Path(sys.argv[1]).read_text())
+def start(case: dict, tmp: str, i: int) -> tuple[int, str, str]:
+    out, err = f"{tmp}/{i}.out", f"{tmp}/{i}.err"
+    sys.stdout.flush()
+    pid = os.fork()
+    if pid == 0:
+        child(case, out, err)
+    return pid, out, err
+
+
+def result(status: int, out: str, err: str) -> dict:
+    return {"code": os.waitstatus_to_exitcode(status), "stdout": Path(out).read_text(errors="replace"),
+            "stderr": Path(err).read_text(errors="replace")}
+
+
+def run_batch(cases: list[dict]) -> list[dict]:
     results: list[dict | None] = [None] * len(cases)
     running: dict[int, tuple[int, str, str]] = {}
     with tempfile.TemporaryDirectory() as tmp:
@@ -65,17 +81,41 @@ def main() -> None:
             while running and (case is None or len(running) >= 2):
                 pid, status = os.wait()
                 j, out, err = running.pop(pid)
-                results[j] = {"code": os.waitstatus_to_exitcode(status), "stdout": Path(out).read_text(),
-                              "stderr": Path(err).read_text()}
+                results[j] = result(status, out, err)
             if case is None:
                 break
-            out, err = f"{tmp}/{i}.out", f"{tmp}/{i}.err"
-            sys.stdout.flush()
-            pid = os.fork()
-            if pid == 0:
-                child(case, out, err)
+            pid, out, err = start(case, tmp, i)
             running[pid] = (i, out, err)
-    Path(sys.argv[2]).write_text(json.dumps(results))
+    return results
+
+
+def serve() -> None:
+    """Answer one case per line of stdin, in order, until stdin closes."""
+    channel = os.fdopen(os.dup(1), "w")
+    with tempfile.TemporaryDirectory() as tmp:
+        for i, line in enumerate(sys.stdin):
+            case = json.loads(line)
+            pid, out, err = start(case, tmp, i)
+            deadline = time.monotonic() + case.get("timeout", 600)
+            while True:
+                done, status = os.waitpid(pid, os.WNOHANG)
+                if done:
+                    break
+                if time.monotonic() > deadline:
+                    os.kill(pid, signal.SIGKILL)
+                    _, status = os.waitpid(pid, 0)
+                    break
+                time.sleep(0.02)
+            channel.write(json.dumps(result(status, out, err)) + "\n")
+            channel.flush()
+
+
+def main() -> None:
+    if sys.argv[1:] == ["--serve"]:
+        serve()
+        return
+    cases = json.loads(Path(sys.argv[1]).read_text())
+    Path(sys.argv[2]).write_text(json.dumps(run_batch(cases)))
 
 
 if __name__ == "__main__":

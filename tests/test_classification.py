@@ -4,7 +4,6 @@ import os
 import pickle
 import shlex
 import subprocess
-import sys
 
 import numpy as np
 import pytest

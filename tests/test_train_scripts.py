@@ -10,7 +10,7 @@ from conftest import run_script
 from model import model_from_state_dict
 
 COMMON = ["--train_all", "--network_arch", "resnet18", "--no_pretrained", "--Epochs", "2", "--batchsize", "8",
-          "--height", "64", "--width", "32", "--workers", "0", "--lr", "0.1", "--prune_rate", "0.5"]
+          "--height", "32", "--width", "16", "--workers", "0", "--lr", "0.1", "--prune_rate", "0.5"]
 
 
 def zero_filters_per_layer(state: dict, names) -> dict[str, int]:
@@ -72,21 +72,21 @@ def test_bafd_epoch_end_decays_then_hard_zeroes_at_the_last_epoch():
     assert (net.state_dict()[name].flatten(1).abs().sum(1) == 0).sum() == len(hook.mask.selected[name])
 
 
-class CrashAt3(prune_hooks.MaskHook):
+class CrashAt2(prune_hooks.MaskHook):
     def on_epoch_end(self, net, epoch, last):
-        if epoch == 3:
+        if epoch == 2:
             raise KeyboardInterrupt
         return super().on_epoch_end(net, epoch, last)
 
 
 def test_bafd_resume_reproduces_masks_and_weights(synthetic_market, tmp_path):
-    argv = ["--data_dir", str(synthetic_market / "pytorch"), *COMMON, "--Epochs", "3", "--name", "r", "--knn", "2"]
+    argv = ["--data_dir", str(synthetic_market / "pytorch"), *COMMON, "--Epochs", "2", "--name", "r", "--knn", "2"]
     parser = APFP_train.get_args_parser()
     full = train_loop.train(parser.parse_args(argv + ["--results_dir", str(tmp_path / "a")]), prune_hooks.bafd_hook)
 
     def crashing(net, args):
         hook = prune_hooks.bafd_hook(net, args)
-        return CrashAt3(hook.mask, hook.decay, hook.meter)
+        return CrashAt2(hook.mask, hook.decay, hook.meter)
 
     with pytest.raises(KeyboardInterrupt):
         train_loop.train(parser.parse_args(argv + ["--results_dir", str(tmp_path / "b")]), crashing)

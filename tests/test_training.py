@@ -82,11 +82,12 @@ class CrashAt(train_loop.EpochEndHook):
 
 
 def test_resume_reaches_the_uninterrupted_result(synthetic_market, tmp_path):
-    full = train_loop.train(make_args(synthetic_market, tmp_path / "a", save_epoch=2))
-    args = make_args(synthetic_market, tmp_path / "b", save_epoch=2)
+    small = {"save_epoch": 2, "height": 32, "width": 16}  # equality, not accuracy, is checked: small inputs
+    full = train_loop.train(make_args(synthetic_market, tmp_path / "a", **small))
+    args = make_args(synthetic_market, tmp_path / "b", **small)
     with pytest.raises(KeyboardInterrupt):
         train_loop.train(args, make_hook=lambda net, a: CrashAt(3))
-    resumed = train_loop.train(make_args(synthetic_market, tmp_path / "b", save_epoch=2, resume=True))
+    resumed = train_loop.train(make_args(synthetic_market, tmp_path / "b", resume=True, **small))
     for (name, a), b in zip(full.state_dict().items(), resumed.state_dict().values()):
         assert torch.allclose(a.float(), b.float(), atol=1e-6), name
     log = (tmp_path / "b" / "ft_resnet18" / "run" / "log.csv").read_text().splitlines()

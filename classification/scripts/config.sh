@@ -5,15 +5,7 @@ IMAGENET_DATA=${IMAGENET_DATA:-/path/to/Imagenet2012} # holds train/ and val/
 LOGS=${LOGS:-./logs}
 SNAPSHOTS=${SNAPSHOTS:-./snapshots}
 
-run() {
-    if [ "${DRY_RUN:-0}" = 1 ]; then
-        printf '%q ' "$@"
-        echo
-    else
-        echo "+ $*"
-        "$@"
-    fi
-}
+source scripts/common.sh
 
 # parameter index of the last conv (--layer_end) per arch
 layer_end() {
