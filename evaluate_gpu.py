@@ -28,7 +28,7 @@ import numpy as np
 import cli
 
 INT64_MAX = np.iinfo(np.int64).max
-CHUNK_ELEMENTS = 1 << 22  # query x gallery scores per chunk (16 MB of float32 + the sparse part)
+CHUNK_ELEMENTS = 1 << 25  # query x gallery scores per chunk (128 MB of float32; big chunks keep the GEMM efficient)
 RESULT_KEYS = ("gallery_f", "gallery_label", "gallery_cam", "query_f", "query_label", "query_cam")
 
 
