@@ -19,12 +19,12 @@ import runtime_comparison  # noqa: E402
 from classification import flops  # noqa: E402
 from classification.models import build_model  # noqa: E402
 from classification.sfp import SoftFilterMask, pruned_layers  # noqa: E402
-from classification.small import has_constants, make_small_model, zero_filters  # noqa: E402
+from classification.small import has_constants, inner_only, make_small_model, zero_filters  # noqa: E402
 
 CASES = [("resnet56", 0.6, 162, 32, False), ("resnet50", 0.7, 156, 224, True)]
 
 
-def models(arch: str, rate: float, layer_end: int, skip_downsample: bool) -> tuple[torch.nn.Module, torch.nn.Module]:
+def models(arch: str, rate: float, layer_end: int, skip_downsample: bool) -> tuple[torch.nn.Module, ...]:
     torch.manual_seed(0)
     net = build_model(arch, 10 if arch == "resnet56" else 1000)
     for m in net.modules():  # trained-like BN statistics: pruned channels get non-zero constants
@@ -34,7 +34,9 @@ def models(arch: str, rate: float, layer_end: int, skip_downsample: bool) -> tup
     layers = pruned_layers(net, 0, layer_end, 3, skip_downsample)
     SoftFilterMask(layers, rate).step(net)
     pruned = zero_filters(net, layers)
-    return net.eval(), make_small_model(net, pruned, has_constants(net, pruned)).eval()
+    constants = has_constants(net, pruned)
+    return (net.eval(), make_small_model(net, pruned, constants).eval(),
+            make_small_model(net, inner_only(net, pruned), constants).eval())
 
 
 def main() -> None:
@@ -47,25 +49,28 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     batches = [int(b) for b in args.batch_sizes.split(",")]
     for arch, rate, end, size, skip in CASES:
-        full, small = models(arch, rate, end, skip)
+        full, small, deploy = models(arch, rate, end, skip)
         ratio = flops.macs(full, size) / flops.macs(small, size)
+        deploy_ratio = flops.macs(full, size) / flops.macs(deploy, size)
         print(f"{arch} keep {rate} at {size}x{size}: {flops.macs(full, size) / 1e6:.1f} -> "
               f"{flops.macs(small, size) / 1e6:.1f} M MACs (ratio {ratio:.2f}), params {flops.params(full) / 1e6:.2f}"
-              f" -> {flops.params(small) / 1e6:.2f} M", flush=True)
+              f" -> {flops.params(small) / 1e6:.2f} M; inner-only (deploy) form {flops.macs(deploy, size) / 1e6:.1f}"
+              f" M MACs (ratio {deploy_ratio:.2f})", flush=True)
         runners = {}
         with torch.no_grad():
             for b in batches:
                 x = torch.randn(b, 3, size, size)
                 if b >= 64 and size >= 224:
                     x = x[:32]  # keep ImageNet batches within a reasonable time on 2 cores
-                runners[b] = {"full": (lambda m=full, x=x: m(x)), "small": (lambda m=small, x=x: m(x))}
+                runners[b] = {"full": (lambda m=full, x=x: m(x)), "small": (lambda m=small, x=x: m(x)),
+                              "deploy": (lambda m=deploy, x=x: m(x))}
             if args.onnx:
                 import onnx_export
                 tmp = Path(tempfile.mkdtemp())
                 sessions = {name: onnx_export.onnx_session(onnx_export.export_onnx(m, tmp / f"{name}.onnx",
                                                                                    (size, size)),
                                                            args.threads, spinning=False)
-                            for name, m in (("full", full), ("small", small))}
+                            for name, m in (("full", full), ("small", small), ("deploy", deploy))}
                 for b in batches:
                     x = torch.randn(min(b, 32 if size >= 224 else b), 3, size, size).numpy()
                     for name, s in sessions.items():
@@ -75,11 +80,14 @@ def main() -> None:
                 ms = runtime_comparison.median_latencies(n, warmup=3, repeats=args.repeats if b == 1 else
                                                          max(3, args.repeats // 4))
                 real_b = b if not (b >= 64 and size >= 224) else 32
-                line = f"  batch {real_b}: full {ms['full']:.2f} ms, small {ms['small']:.2f} ms -> " \
-                       f"{ms['full'] / ms['small']:.2f}x ({ms['full'] / ms['small'] / ratio:.2f} of the MAC ratio)"
+                line = (f"  batch {real_b}: eager full {ms['full']:.2f} ms, small {ms['small']:.2f} ms = "
+                        f"{ms['full'] / ms['small']:.2f}x ({ms['full'] / ms['small'] / ratio:.2f} of its MAC ratio), "
+                        f"deploy {ms['deploy']:.2f} ms = {ms['full'] / ms['deploy']:.2f}x "
+                        f"({ms['full'] / ms['deploy'] / deploy_ratio:.2f})")
                 if args.onnx:
-                    f, s = ms["full (onnxruntime)"], ms["small (onnxruntime)"]
-                    line += f"; onnxruntime {f:.2f} -> {s:.2f} ms = {f / s:.2f}x ({f / s / ratio:.2f})"
+                    f, s, d = (ms[f"{k} (onnxruntime)"] for k in ("full", "small", "deploy"))
+                    line += (f"; onnxruntime {f:.2f} -> {s:.2f} ms = {f / s:.2f}x ({f / s / ratio:.2f}), "
+                             f"deploy {d:.2f} ms = {f / d:.2f}x ({f / d / deploy_ratio:.2f})")
                 print(line, flush=True)
 
 

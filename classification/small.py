@@ -146,6 +146,14 @@ def make_small_model(net: nn.Module, pruned: dict[str, torch.Tensor], with_const
     return small
 
 
+def inner_only(net: nn.Module, pruned: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """The deployment choice: remove only inner convs' filters. Residual-stream convs keep their zero filters
+    at full width (their BN then gives the constants by itself), so the small model needs no channel
+    scatter; fewer MACs are saved, but what is saved turns into speed."""
+    inner = {u.conv for u in conv_units(net) if not u.residual}
+    return {conv: idx for conv, idx in pruned.items() if conv in inner}
+
+
 def has_constants(net: nn.Module, pruned: dict[str, torch.Tensor]) -> bool:
     """Whether any pruned channel has a non-zero BN constant (SFP's default, not --prune_bn)."""
     bns = {u.conv: u.bn for u in conv_units(net)}

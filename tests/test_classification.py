@@ -13,7 +13,8 @@ from classification import data as cdata
 from classification import engine, flops
 from classification.models import build_model, conv_units
 from classification.sfp import SoftFilterMask, n_pruned, pruned_layers
-from classification.small import has_constants, load_small, make_small_model, small_checkpoint, zero_filters
+from classification.small import (ScatterChannels, has_constants, inner_only, load_small, make_small_model,
+                                  small_checkpoint, zero_filters)
 from conftest import ROOT
 
 LAYER_END = {"resnet20": 54, "resnet32": 90, "resnet56": 162, "resnet110": 324, "resnet18": 57, "resnet34": 105,
@@ -158,6 +159,12 @@ def test_small_model_equals_the_model_with_zeros(arch, prune_bn):
         full, got = net(x), small(x)
     assert (got - full).abs().max() <= 1e-5 * max(1.0, float(full.abs().max()))
     assert flops.params(small) < flops.params(net)
+    if arch in ("resnet20", "resnet50"):  # the deployment form: inner convs only, no channel scatter
+        deploy = make_small_model(net, inner_only(net, pruned), with_constants).eval()
+        with torch.no_grad():
+            assert (deploy(x) - full).abs().max() <= 1e-5 * max(1.0, float(full.abs().max()))
+        assert not any(isinstance(m, ScatterChannels) for m in deploy.modules())
+        assert flops.macs(small, size) < flops.macs(deploy, size) < flops.macs(net, size)
     if arch == "resnet20":  # loads from its own checkpoint, without the full one
         ckpt = small_checkpoint(arch, 10, net, small, pruned, with_constants)
         with torch.no_grad():
