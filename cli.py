@@ -8,6 +8,7 @@ import argparse
 import math
 import re
 import sys
+from pathlib import Path
 from typing import Any, Callable
 
 
@@ -57,6 +58,13 @@ def positive_int_list(text: str) -> list[int]:
 
 
 positive_int_list.__name__ = "integer list"
+
+
+def refuse_existing_output(out: Path, overwrite: bool, resume: bool, resume_means: str) -> None:
+    """An output folder that already holds results is written into only with --overwrite or --resume."""
+    if out.is_dir() and any(out.iterdir()) and not (overwrite or resume):
+        raise UsageError(f"{out} already holds results: pass --overwrite to replace them, --resume to "
+                         f"{resume_means}, or choose another --out")
 
 
 def fail(message: str, code: int = 2) -> None:

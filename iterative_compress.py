@@ -107,9 +107,7 @@ def main(args: argparse.Namespace) -> list[dict]:
     out = Path(args.out)
     metrics_file = out / "metrics.json"
     device = utils.select_device(args.gpu_ids)
-    if not args.resume and out.is_dir() and any(out.iterdir()) and not args.overwrite:
-        raise train_loop.TrainingError(f"{out} already holds results: pass --resume to carry on after its last "
-                                       "finished round, --overwrite to start again, or choose another --out")
+    cli.refuse_existing_output(out, args.overwrite, args.resume, "carry on after its last finished round")
     if args.resume and metrics_file.is_file():
         rounds = read_rounds(metrics_file)
         net = load_small_model(rounds[-1]["checkpoint"])  # round 0's is --checkpoint

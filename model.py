@@ -107,6 +107,13 @@ def infer_arch(state_dict: dict) -> str:
     return "resnet34" if len(blocks) == 6 else "resnet18"
 
 
+def check_expected_arch(expected: str | None, state: dict, source: str | os.PathLike) -> None:
+    """--network_arch, when given, must name the arch the checkpoint holds (the arch itself is always read
+    from the weights)."""
+    if expected is not None and check_arch(expected) != infer_arch(state):
+        raise ModelError(f"--network_arch {expected} does not match {source}, which holds a {infer_arch(state)}")
+
+
 def num_classes(state_dict: dict) -> int:
     return state_dict["classifier.classifier.0.weight"].shape[0]
 

@@ -205,19 +205,12 @@ def qat_finetune(small: nn.Module, args: argparse.Namespace, out: Path) -> nn.Mo
     return model_lib.model_from_state_dict(float_state_dict(trained))
 
 
-def check_output_folder(out: Path, args: argparse.Namespace) -> None:
-    """An --out that holds results is replaced only with --overwrite (--resume continues its QAT run)."""
-    if out.is_dir() and any(out.iterdir()) and not (args.overwrite or args.resume):
-        raise QuantizationError(f"{out} already holds results: pass --overwrite to replace them "
-                                "(or --resume to continue its QAT fine-tuning), or choose another --out")
-
-
 def main(args: argparse.Namespace) -> list[dict]:
     if not runtime_comparison.onnx_available():
         raise QuantizationError("INT8 quantization needs onnxruntime, onnx and onnxscript "
                                 "(pip install -r requirements.txt)")
     out = Path(args.out or Path(args.checkpoint).with_suffix("").as_posix() + "_int8")
-    check_output_folder(out, args)
+    cli.refuse_existing_output(out, args.overwrite, args.resume, "continue its QAT fine-tuning")
     small = load_small_model(args.checkpoint).eval()
     size = (args.height, args.width)
     out.mkdir(parents=True, exist_ok=True)

@@ -271,9 +271,8 @@ def small_from_checkpoint(state: dict, nonl1: bool, prune_rate: float | None = N
     otherwise (HFP): a full-size checkpoint is pruned by the L1 rule at `prune_rate`; an HFP checkpoint
     that is already small is returned as is (reference and small are then the same model).
     """
+    model_lib.check_expected_arch(arch, state, "the checkpoint")
     found = model_lib.infer_arch(state)
-    if arch and arch != found:
-        raise model_lib.ModelError(f"--network_arch {arch} does not match the checkpoint, which is a {found}")
     net = model_lib.model_from_state_dict(state)
     if is_small_state(state):
         return net, net

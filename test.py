@@ -92,10 +92,12 @@ def reid_accuracy(features: Callable[[torch.utils.data.Dataset], torch.Tensor], 
     return {"mAP": result["mAP"], "R1": result["rank1"]}
 
 
-def load_run_model(run: Path, which_epoch: str) -> tuple[torch.nn.Module, dict]:
+def load_run_model(run: Path, which_epoch: str, expected_arch: str | None = None) -> tuple[torch.nn.Module, dict]:
     opts_file = run / "opts.yaml"
     opts = utils.load_options(opts_file) if opts_file.is_file() else {}
-    state = model_lib.load_checkpoint(run / f"net_{which_epoch}.pth")
+    checkpoint = run / f"net_{which_epoch}.pth"
+    state = model_lib.load_checkpoint(checkpoint)
+    model_lib.check_expected_arch(expected_arch, state, checkpoint)
     return model_lib.model_from_state_dict(state), opts
 
 
@@ -132,19 +134,13 @@ def finite_features(feats: torch.Tensor, split: str) -> torch.Tensor:
     return feats
 
 
-def check_expected_arch(expected: str | None, net: torch.nn.Module, checkpoint: Path) -> None:
-    if expected is not None and model_lib.check_arch(expected) != net.arch:
-        raise model_lib.ModelError(f"--network_arch {expected}, but {checkpoint} holds a {net.arch}")
-
-
 def input_size(args: argparse.Namespace, opts: dict) -> tuple[int, int]:
     return args.height or opts.get("height", 256), args.width or opts.get("width", 128)
 
 
 def main(args: argparse.Namespace) -> dict:
     run = find_run(args.name, args.results_dir)
-    net, opts = load_run_model(run, args.which_epoch)
-    check_expected_arch(args.network_arch, net, run / f"net_{args.which_epoch}.pth")
+    net, opts = load_run_model(run, args.which_epoch, args.network_arch)
     device = distributed.setup(args.gpu_ids)
     net = net.to(device)
     size = input_size(args, opts)

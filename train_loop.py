@@ -140,9 +140,9 @@ def check_training_args(args: argparse.Namespace) -> None:
                              "allocation can reach the overall rate")
 
 
-def check_run_folder(out: Path, args: argparse.Namespace, method: str) -> None:
-    """Refuse to train over an existing run unless --resume (then it must be the same run) or --overwrite."""
-    existing = [f for pattern in RUN_FILES for f in out.glob(pattern)] if out.is_dir() else []
+def check_run_folder(out: Path, args: argparse.Namespace, method: str) -> dict:
+    """Refuse to train over an existing run unless --resume (then it must be the same run) or --overwrite.
+    Returns the saved options of the run to resume ({} otherwise)."""
     if args.resume:
         if not (out / "resume.pth").is_file():
             raise TrainingError(f"--resume: {out / 'resume.pth'} does not exist")
@@ -156,16 +156,17 @@ def check_run_folder(out: Path, args: argparse.Namespace, method: str) -> None:
             if key in asked and key in saved and saved[key] != asked[key]:
                 raise TrainingError(f"--resume: {out} is a run with {key} = {saved[key]!r}, the command line asks "
                                     f"for {asked[key]!r}; resume it with its own settings or start a new --name")
-    elif existing and not getattr(args, "overwrite", False):
+        return saved
+    existing = [f for pattern in RUN_FILES for f in out.glob(pattern)] if out.is_dir() else []
+    if existing and not getattr(args, "overwrite", False):
         raise TrainingError(f"{out} already holds a run ({existing[0].name}): pass --resume to continue it, "
                             "--overwrite to replace it, or choose another --name")
-    elif existing:
-        for f in existing:
-            f.unlink()
+    for f in existing:
+        f.unlink()
+    return {}
 
 
-def check_resume_classes(out: Path, num_classes: int, data_dir: str) -> None:
-    saved = utils.load_options(out / "opts.yaml").get("nclasses")
+def check_resume_classes(out: Path, saved: int | None, num_classes: int, data_dir: str) -> None:
     if saved is not None and saved != num_classes:
         raise TrainingError(f"--resume: {out} was trained on {saved} identities, {data_dir} has {num_classes}: "
                             "another dataset (or split) than the run's")
@@ -378,15 +379,14 @@ def train(args: argparse.Namespace, make_hook: Callable[[nn.Module, argparse.Nam
     check_training_args(args)
     out = run_dir(args)
     resume_file = out / "resume.pth"
-    if distributed.is_main_process():
-        check_run_folder(out, args, method)
+    saved = check_run_folder(out, args, method) if distributed.is_main_process() else {}
     resume_state = load_resume_state(resume_file) if args.resume else None
     device = distributed.setup(args.gpu_ids)
     rank, world, main = distributed.rank(), distributed.world_size(), distributed.is_main()
     utils.seed_everything(args.seed + rank)  # augmentation differs per rank; the model init is broadcast
     train_dirs = data.training_dirs(args.data_dir, args.train_all)
     if args.resume:
-        check_resume_classes(out, len(data.scan_sources(train_dirs)[0]), args.data_dir)
+        check_resume_classes(out, saved.get("nclasses"), len(data.scan_sources(train_dirs)[0]), args.data_dir)
     loader = data.train_loader(train_dirs, args.batchsize, (args.height, args.width), args.workers,
                                args.erasing_p, args.color_jitter, pin_memory=device.type == "cuda",
                                seed=args.seed, rank=rank, world=world)

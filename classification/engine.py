@@ -110,15 +110,22 @@ def load_weights(net: nn.Module, state: dict, path: str | Path) -> None:
         raise ModelError(f"{path} does not fit {state.get('arch', '?')}: {str(e).splitlines()[0]}") from None
 
 
-def datasets(r: Recipe) -> tuple[torch.utils.data.Dataset, torch.utils.data.Dataset, int]:
-    """(train set, test set, number of classes)."""
+def dataset(data: str, arch: str, train: bool, image_size: int = 224) -> torch.utils.data.Dataset:
+    """The CIFAR-10 or ImageNet train or test set, as the arch's recipe transforms it."""
+    if arch in CIFAR_DEPTHS:
+        return cdata.Cifar10(data, train, cdata.cifar_transforms(train))
+    return cdata.imagenet_folder(data, train, image_size)
+
+
+def datasets(r: Recipe) -> tuple[torch.utils.data.Dataset | None, torch.utils.data.Dataset, int]:
+    """(train set, or None when only evaluating; test set; number of classes)."""
+    test = dataset(r.data, r.arch, False, r.image_size)
+    train = None if r.evaluate else dataset(r.data, r.arch, True, r.image_size)
     if r.cifar:
-        return (cdata.Cifar10(r.data, True, cdata.cifar_transforms(True)),
-                cdata.Cifar10(r.data, False, cdata.cifar_transforms(False)), 10)
-    train, val = cdata.imagenet_folder(r.data, True, r.image_size), cdata.imagenet_folder(r.data, False, r.image_size)
-    if train.classes != val.classes:
+        return train, test, 10
+    if train is not None and train.classes != test.classes:
         raise DatasetError(f"{r.data}: train/ and val/ have different class folders")
-    return train, val, len(train.classes)
+    return train, test, len(test.classes)
 
 
 def accuracy(logits: torch.Tensor, target: torch.Tensor, topk=(1, 5)) -> list[float]:
@@ -141,14 +148,15 @@ def train_one_epoch(model: nn.Module, loader, optimizer, device: torch.device, e
         images, target = images.to(device, non_blocking=True), target.to(device, non_blocking=True)
         logits = model(images)
         loss = criterion(logits, target)
-        if not math.isfinite(loss.item()):
-            raise TrainingError(f"the loss is {loss.item()} at epoch {epoch + 1}, step {step}/{len(loader)}: "
+        loss_value = loss.item()
+        if not math.isfinite(loss_value):
+            raise TrainingError(f"the loss is {loss_value} at epoch {epoch + 1}, step {step}/{len(loader)}: "
                                 "training diverged (try a lower learning rate); the last checkpoint is the "
                                 "previous epoch's")
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
-        totals += torch.tensor([loss.item() * len(target), *accuracy(logits.detach(), target), len(target)],
+        totals += torch.tensor([loss_value * len(target), *accuracy(logits.detach(), target), len(target)],
                                dtype=torch.float64)
         bar.set_postfix(loss=f"{totals[0].item() / totals[3].item():.3f}")
     loss, top1, top5, n = distributed.sum_over_ranks(totals.tolist(), device)
@@ -215,8 +223,6 @@ def run(r: Recipe, overwrite: bool = False) -> dict:
     rank, world, main = distributed.rank(), distributed.world_size(), distributed.is_main()
     utils.seed_everything(r.seed + rank)
     train_set, test_set, num_classes = datasets(r)
-    train_loader = cdata.make_loader(train_set, r.batch_size, True, r.workers, r.seed, rank, world,
-                                     device.type == "cuda")
     test_loader = cdata.make_loader(test_set, r.batch_size, False, r.workers, r.seed, rank, world,
                                     device.type == "cuda")
     torch.manual_seed(r.seed)
@@ -232,6 +238,8 @@ def run(r: Recipe, overwrite: bool = False) -> dict:
             print(f"{r.resume}: top-1 {metrics['top1']:.2f}% top-5 {metrics['top5']:.2f}% "
                   f"({len(test_set)} test images, the weights as saved)")
         return metrics
+    train_loader = cdata.make_loader(train_set, r.batch_size, True, r.workers, r.seed, rank, world,
+                                     device.type == "cuda")
     optimizer = torch.optim.SGD(net.parameters(), lr=r.learning_rate(0), momentum=r.momentum,
                                 weight_decay=r.weight_decay, nesterov=r.nesterov)
     start, history, best = 0, [], {"top1": -1.0, "epoch": 0}

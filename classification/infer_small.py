@@ -35,8 +35,7 @@ def main(args: argparse.Namespace) -> dict:
                                 f"({type(e).__name__})") from None
     device = distributed.setup(args.gpu_ids)
     cifar = checkpoint["arch"] in CIFAR_DEPTHS
-    test_set = (cdata.Cifar10(args.data, False, cdata.cifar_transforms(False)) if cifar
-                else cdata.imagenet_folder(args.data, False, args.image_size))
+    test_set = engine.dataset(args.data, checkpoint["arch"], False, args.image_size)
     loader = cdata.make_loader(test_set, args.batch_size, False, args.workers, rank=distributed.rank(),
                                world=distributed.world_size())
     metrics = engine.evaluate(small.to(device), loader, device)
