@@ -1,4 +1,5 @@
-"""Generate a small synthetic re-ID dataset in a REAL raw layout (Market-1501, DukeMTMC-reID, MSMT17_V1).
+"""Generate a small synthetic re-ID dataset in a REAL raw layout (Market-1501, DukeMTMC-reID, MSMT17_V1,
+Occluded-Duke).
 
 Every identity has a stable appearance (shirt and trouser colours, stripe pattern, bag side);
 every camera changes lighting, background and position. A network trained for a few epochs
@@ -24,15 +25,18 @@ import cli
 HEIGHT, WIDTH = 64, 32
 DEFAULT_OUT = {"market": "datasets/synthetic/Market", "duke": "datasets/synthetic/DukeMTMC-reID",
                "msmt": "datasets/synthetic/MSMT17_V1", "cifar10": "datasets/synthetic/cifar.python",
-               "imagenet": "datasets/synthetic/ImageNet"}
-DEFAULT_CAMERAS = {"market": 6, "duke": 8, "msmt": 15, "cifar10": 0, "imagenet": 0}  # no cameras there
+               "imagenet": "datasets/synthetic/ImageNet", "occluded_duke": "datasets/synthetic/transreid/Occluded_Duke"}
+DEFAULT_CAMERAS = {"market": 6, "duke": 8, "msmt": 15, "cifar10": 0, "imagenet": 0,  # no cameras there
+                   "occluded_duke": 8}
 MARKER = ".synthetic.json"
 
 
 def get_args_parser() -> argparse.ArgumentParser:
     p = cli.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--format", choices=["market", "duke", "msmt", "cifar10", "imagenet"], default="market",
-                   help="raw layout and file-name pattern to write (cifar10/imagenet: classification sets for "
+    p.add_argument("--format", choices=["market", "duke", "msmt", "occluded_duke", "cifar10", "imagenet"],
+                   default="market",
+                   help="raw layout and file-name pattern to write (occluded_duke: Duke names, every query image "
+                        "partly covered, the layout transreid/ reads; cifar10/imagenet: classification sets for "
                         "classification/; --ids is then the class count, --images_per_id the training "
                         "images per class)")
     p.add_argument("--out", default=None, help="output folder (default: datasets/synthetic/<dataset name>)")
@@ -40,7 +44,8 @@ def get_args_parser() -> argparse.ArgumentParser:
                    help="number of identities; the first half (rounded up) are training ids, the rest test ids")
     p.add_argument("--images_per_id", type=cli.positive_int, default=12, help="images per identity (at least 4)")
     p.add_argument("--cameras", type=cli.positive_int, default=None,
-                   help="number of cameras (default: 6 market, 8 duke, 15 msmt; market allows at most 6, msmt 99)")
+                   help="number of cameras (default: 6 market, 8 duke and occluded_duke, 15 msmt; market allows at most 6, "
+                        "msmt 99)")
     p.add_argument("--seed", type=cli.nonnegative_int, default=0,
                    help="random seed; the same seed gives byte-identical files")
     p.add_argument("--overwrite", action="store_true",
@@ -94,6 +99,16 @@ class Renderer:
         img = img * self.cam_light[cam] + rng.normal(0, 6, img.shape)
         return np.clip(img, 0, 255).astype(np.uint8)
 
+    def occlude(self, rng: np.random.Generator, img: np.ndarray) -> np.ndarray:
+        """Occluded-Duke's queries: an obstacle (a flat-coloured block) covers the lower or a side part."""
+        img = img.copy()
+        if rng.integers(0, 2):
+            img[int(rng.integers(HEIGHT // 2, 3 * HEIGHT // 4)):] = rng.integers(0, 256, 3)
+        else:
+            w = int(rng.integers(WIDTH // 4, WIDTH // 2))
+            img[:, :w] = rng.integers(0, 256, 3)
+        return img
+
 
 def jpeg_bytes(img: np.ndarray) -> bytes:
     buf = io.BytesIO()
@@ -106,7 +121,7 @@ def name_for(fmt: str, pid: int, cam: int, serial: int) -> str:
     if fmt == "market":
         pid_s = "-1" if pid < 0 else f"{pid:04d}"
         return f"{pid_s}_c{cam}s{1 + serial % 6}_{serial * 25:06d}_{serial % 7:02d}.jpg"
-    if fmt == "duke":
+    if fmt in ("duke", "occluded_duke"):
         return f"{pid:04d}_c{cam}_f{serial * 37:07d}.jpg"
     tod = ("morning", "noon", "afternoon")[serial % 3]
     return f"{pid:04d}_{serial % 1000:03d}_{cam:02d}_0303{tod}_{serial % 10000:04d}_{serial % 3}.jpg"
@@ -146,7 +161,7 @@ def generate(fmt: str, out: Path, n_ids: int, per_id: int, n_cams: int, seed: in
                 add("train" if fmt == "msmt" else "bounding_box_train", pid, cam, img)
             elif cam not in seen_cams:  # first image of an id in a camera is its query
                 seen_cams.add(cam)
-                add("query", pid, cam, img)
+                add("query", pid, cam, render.occlude(rng, img) if fmt == "occluded_duke" else img)
                 if fmt == "market":
                     for _ in range(2):  # hand-drawn boxes of the same query person
                         add("gt_bbox", pid, cam, render.person(rng, ident, cam))
@@ -196,7 +211,7 @@ def main(args: argparse.Namespace) -> int:
     fmt = args.format
     out = Path(args.out or DEFAULT_OUT[fmt])
     cams = args.cameras or DEFAULT_CAMERAS[fmt]
-    limit = {"market": 6, "duke": 9, "msmt": 99, "cifar10": 0, "imagenet": 0}[fmt]
+    limit = {"market": 6, "duke": 9, "occluded_duke": 9, "msmt": 99, "cifar10": 0, "imagenet": 0}[fmt]
     if limit and not 2 <= cams <= limit:
         print(f"error: --cameras must be between 2 and {limit} for {fmt}", file=sys.stderr)
         return 2

@@ -30,10 +30,11 @@ SERVER = ScriptServer()
 def run_script(script: str, *args: str, cwd: Path | None = None, timeout: int = 600,
                env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
     """Run one of the repository's scripts as a user would, `python SCRIPT ARGS` in its own process (extra
-    environment variables in env); returns the completed process."""
+    environment variables in env); script "-m transreid.train" runs a module. Returns the completed process."""
     argv = [str(a) for a in args]
     r = SERVER.run({"script": script, "args": argv, "cwd": str(cwd or ROOT), "env": env or {}, "timeout": timeout})
-    return subprocess.CompletedProcess([sys.executable, script, *argv], r["code"], r["stdout"], r["stderr"])
+    return subprocess.CompletedProcess([sys.executable, *script.split(" ", 1), *argv], r["code"], r["stdout"],
+                                       r["stderr"])
 
 
 @pytest.fixture(scope="session")
@@ -45,3 +46,26 @@ def synthetic_market(tmp_path_factory) -> Path:
     generate("market", root, n_ids=12, per_id=8, n_cams=4, seed=3)
     prepare_market_like(root, "market")
     return root
+
+
+@pytest.fixture(scope="session")
+def synthetic_occ_duke(tmp_path_factory) -> Path:
+    """DATASETS.ROOT_DIR holding a small synthetic Occluded_Duke/ (raw layout, occluded queries)."""
+    root = tmp_path_factory.mktemp("transreid_data")
+    r = run_script("make_synthetic_data.py", "--format", "occluded_duke", "--ids", "40", "--images_per_id", "8",
+                   "--out", root / "Occluded_Duke")
+    assert r.returncode == 0, r.stderr
+    return root
+
+
+TINY_CFG = "transreid/configs/OCC_Duke/tiny.yml"
+
+
+@pytest.fixture(scope="session")
+def tiny_transreid_run(synthetic_occ_duke, tmp_path_factory) -> Path:
+    """The tiny config trained 2 epochs on the synthetic Occluded-Duke (the start of the AMG tests too)."""
+    out = tmp_path_factory.mktemp("transreid_run")
+    r = run_script("-m transreid.train", "--config_file", TINY_CFG, "DATASETS.ROOT_DIR", synthetic_occ_duke,
+                   "OUTPUT_DIR", out)
+    assert r.returncode == 0, r.stderr
+    return out

@@ -6,7 +6,7 @@
 Importing torch and torchvision costs about 5 s per process; here it is paid once, then every case runs
 in a process forked from this clean parent (no torch operation has run in it, so no thread pool is
 copied), as `python SCRIPT ARGS...` would run it: its own cwd, environment, argv, stdout, stderr and
-exit status. Case: {"script", "args", "cwd", "env", "timeout"}; result: {"code", "stdout", "stderr"}.
+exit status. Case: {"script" (a path, or "-m package.module"), "args", "cwd", "env", "timeout"}; result: {"code", "stdout", "stderr"}.
 """
 import json
 import os
@@ -42,10 +42,15 @@ def child(case: dict, out: str, err: str) -> None:
         os.dup2(os.open(os.devnull, os.O_RDONLY), 0)
         for fd, path in ((1, out), (2, err)):
             os.dup2(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC), fd)
-        script = str(ROOT / case["script"])
-        sys.argv = [script, *case["args"]]
         sys.path[0] = str(ROOT)
-        runpy.run_path(script, run_name="__main__")
+        if case["script"].startswith("-m "):  # python -m package.module
+            module = case["script"][3:]
+            sys.argv = [module, *case["args"]]
+            runpy.run_module(module, run_name="__main__", alter_sys=True)
+        else:
+            script = str(ROOT / case["script"])
+            sys.argv = [script, *case["args"]]
+            runpy.run_path(script, run_name="__main__")
         code = 0
     except SystemExit as e:
         if isinstance(e.code, str):

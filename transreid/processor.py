@@ -1,0 +1,181 @@
+"""The pieces train.py, test.py and finetune.py share: device and run folder, one training epoch,
+feature extraction and evaluation (the project's evaluator), checkpoints and the per-epoch log."""
+from __future__ import annotations
+
+import math
+import os
+import time
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+from tqdm import tqdm
+
+import distributed
+import utils
+from evaluate_gpu import evaluate
+from transreid.config import ConfigError
+
+# keys that may differ between a run and its --resume (where it runs, not what it computes)
+RESUME_FREE = ("MODEL.DEVICE", "MODEL.DEVICE_ID", "DATALOADER.NUM_WORKERS", "TEST.", "SOLVER.LOG_PERIOD")
+
+
+class RunError(Exception):
+    """A run that cannot go on (diverged loss, existing run folder, unusable resume file); one line."""
+
+
+def select_device(cfg) -> torch.device:
+    """This process's device; under torchrun (MODEL.DIST_TRAIN True) also the process group."""
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1 and not cfg.MODEL.DIST_TRAIN:
+        raise ConfigError("launched by torchrun: add MODEL.DIST_TRAIN True (otherwise every process would "
+                          "train alone and write the same files)")
+    return distributed.setup(cfg.MODEL.DEVICE_ID if cfg.MODEL.DEVICE == "cuda" else "-1")
+
+
+def flat_config(cfg, prefix: str = "") -> dict:
+    out = {}
+    for key, value in cfg.items():
+        if hasattr(value, "items"):
+            out.update(flat_config(value, f"{prefix}{key}."))
+        else:
+            out[prefix + key] = value
+    return out
+
+
+def prepare_run_folder(cfg, resume: bool, overwrite: bool) -> Path:
+    """OUTPUT_DIR, refusing to write over another run unless --overwrite, and checking that --resume
+    continues the same configuration. Writes config.yaml."""
+    out = Path(cfg.OUTPUT_DIR)
+    saved_file = out / "config.yaml"
+    if resume:
+        if not (out / "resume.pth").is_file():
+            raise RunError(f"--resume: {out} holds no resume.pth to continue from")
+        if distributed.is_main_process() and saved_file.is_file():
+            saved = flat_config(utils.load_options(saved_file))
+            for key, value in flat_config(cfg).items():
+                if not key.startswith(RESUME_FREE) and key in saved and saved[key] != value:
+                    raise RunError(f"--resume: {key} is {value!r} but the run in {out} used {saved[key]!r}")
+    elif saved_file.is_file() and not overwrite:
+        raise RunError(f"{out} already holds a run: pass --resume to continue it, --overwrite to replace it, "
+                       "or set another OUTPUT_DIR")
+    if distributed.is_main_process():
+        out.mkdir(parents=True, exist_ok=True)
+        utils.write_text_atomic(cfg.dump(), saved_file)
+    return out
+
+
+def log(out: Path | None, line: str) -> None:
+    """Print and append to OUTPUT_DIR/log.txt (rank 0 only)."""
+    if not distributed.is_main():
+        return
+    print(line, flush=True)
+    if out is not None:
+        with open(out / "log.txt", "a") as f:
+            f.write(line + "\n")
+
+
+def wrap(model: nn.Module, device: torch.device) -> nn.Module:
+    if distributed.world_size() == 1:
+        return model
+    return nn.parallel.DistributedDataParallel(model, device_ids=[device] if device.type == "cuda" else None,
+                                               find_unused_parameters=False)
+
+
+def train_one_epoch(model: nn.Module, loader, optimizer, loss_fn: Callable, device: torch.device, epoch: int,
+                    epochs: int, extra_loss: Callable | None = None, step: bool = True, desc: str = "epoch") -> dict:
+    """One pass over `loader`: forward, loss (+ extra_loss(imgs, cams, logits)), backward, and an optimiser
+    step unless step=False (AMG's scoring epochs, whose hooks read the attention gradients)."""
+    model.train()
+    loader.sampler.set_epoch(epoch)
+    scaler = torch.amp.GradScaler("cuda") if device.type == "cuda" else None
+    total, correct, seen, batches, t0 = 0.0, 0, 0, 0, time.time()
+    bar = tqdm(loader, desc=f"{desc} {epoch}/{epochs}", leave=False, mininterval=1.0,
+               disable=None if distributed.is_main() else True)
+    for imgs, pids, cams in bar:
+        imgs, pids, cams = imgs.to(device), pids.to(device), cams.to(device)
+        optimizer.zero_grad(set_to_none=True)
+        with torch.autocast(device.type, enabled=scaler is not None):
+            logits, feats = model(imgs, cams)
+            loss = loss_fn(logits, feats, pids)
+            if extra_loss is not None:
+                loss = loss + extra_loss(imgs, cams, logits)
+        value = loss.item()
+        if not math.isfinite(value):
+            raise RunError(f"the loss is {value} at {desc} {epoch}, step {batches + 1}/{len(loader)}: training "
+                           "diverged (try a lower SOLVER.BASE_LR); this epoch was not saved")
+        (scaler.scale(loss) if scaler is not None else loss).backward()
+        if step:
+            if scaler is not None:
+                scaler.step(optimizer)
+                scaler.update()
+            else:
+                optimizer.step()
+        total += value
+        batches += 1
+        correct += int((logits[0].argmax(1) == pids).sum())
+        seen += len(pids)
+        bar.set_postfix(loss=f"{total / batches:.3f}", acc=f"{correct / seen:.3f}")
+    total, correct, seen, batches = distributed.sum_over_ranks([total, correct, seen, batches], device)
+    return {"loss": total / max(batches, 1), "acc": correct / max(seen, 1), "seconds": time.time() - t0}
+
+
+@torch.no_grad()
+def extract_features(model: nn.Module, loader, device: torch.device) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(features, person ids, cameras) of the loader's images, all ranks' shares put back in order."""
+    model.eval()
+    feats, pids, cams = [], [], []
+    for imgs, pid, cam in tqdm(loader, desc="features", leave=False, mininterval=1.0,
+                               disable=None if distributed.is_main() else True):
+        feats.append(model(imgs.to(device), cam.to(device)).float().cpu())
+        pids.append(pid)
+        cams.append(cam)
+    local = (torch.cat(feats).numpy(), torch.cat(pids).numpy(), torch.cat(cams).numpy())
+    world = distributed.world_size()
+    if world == 1:
+        return local
+    shares = distributed.all_gather_object(local)
+    n = sum(len(s[0]) for s in shares)
+    out = [np.empty((n,) + s.shape[1:], s.dtype) for s in local]
+    for r, share in enumerate(shares):
+        for dst, src in zip(out, share):
+            dst[r::world] = src  # rank r took images r, r + world, ...
+    return tuple(out)
+
+
+def euclidean_scoring(qf: np.ndarray, gf: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Features whose dot product ranks like -Euclidean distance: q'.g' = 2 q.g - |g|^2 = |q|^2 - d^2."""
+    return (np.hstack([qf, np.ones((len(qf), 1), qf.dtype)]),
+            np.hstack([2 * gf, -(gf ** 2).sum(1, keepdims=True)]))
+
+
+def scoring_features(feats: np.ndarray, num_query: int, feat_norm: bool) -> tuple[np.ndarray, np.ndarray]:
+    """(query, gallery) features for the project's evaluator, which ranks by dot product: L2-normalised
+    (FEAT_NORM yes, where the dot product ranks like the Euclidean distance), else the Euclidean form."""
+    if not np.isfinite(feats).all():
+        raise RunError("the model produced NaN or infinite features; nothing is scored")
+    if feat_norm:
+        feats = F.normalize(torch.from_numpy(feats), dim=1).numpy()
+        return feats[:num_query], feats[num_query:]
+    return euclidean_scoring(feats[:num_query].astype(np.float64), feats[num_query:].astype(np.float64))
+
+
+def test_model(cfg, model: nn.Module, loader, num_query: int, device: torch.device) -> tuple[dict, tuple]:
+    """Standard-protocol R1/R5/R10/mAP/mINP, and the arrays that were scored."""
+    feats, pids, cams = extract_features(model, loader, device)
+    qf, gf = scoring_features(feats, num_query, cfg.TEST.FEAT_NORM == "yes")
+    arrays = (qf, pids[:num_query], cams[:num_query], gf, pids[num_query:], cams[num_query:])
+    return evaluate(*arrays, protocol="standard"), arrays
+
+
+def format_metrics(m: dict) -> str:
+    return (f"mAP {100 * m['mAP']:.1f}  R1 {100 * m['rank1']:.1f}  R5 {100 * m['rank5']:.1f}  "
+            f"R10 {100 * m['rank10']:.1f}  mINP {100 * m['mINP']:.1f}")
+
+
+def check_finite(model: nn.Module, where: str) -> None:
+    for name, p in model.named_parameters():
+        if not torch.isfinite(p).all():
+            raise RunError(f"{name} holds NaN or infinite values after {where}; nothing was saved")

@@ -1,0 +1,61 @@
+"""Evaluate a TransReID checkpoint (pruned or not) on query/gallery: R1/R5/R10, mAP, mINP (standard protocol).
+
+    python -m transreid.test --config_file transreid/configs/OCC_Duke/vit_transreid_stride.yml \\
+        TEST.WEIGHT './logs/occ_duke_vit_transreid_stride/transformer_120.pth'
+
+Features: cat(global, local_1/4, ..., local_4/4) before the BNNeck (TEST.NECK_FEAT), L2-normalised when
+TEST.FEAT_NORM is yes, ranked by Euclidean distance. --mat writes them for evaluate_gpu.py.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+import cli
+import distributed
+import utils
+from dataset_layout import DatasetError
+from transreid import processor
+from transreid.config import ConfigError, get_args_parser, load_config
+from transreid.datasets import make_test_loader, read_dataset
+from transreid.model import ModelError, model_from_checkpoint, read_reid_checkpoint
+
+
+def main(args: argparse.Namespace) -> dict:
+    cfg = load_config(args.config_file, args.opts)
+    if not cfg.TEST.WEIGHT:
+        raise ConfigError("TEST.WEIGHT is empty: name the checkpoint to test, e.g. TEST.WEIGHT ./logs/run/best.pth")
+    ckpt = read_reid_checkpoint(cfg.TEST.WEIGHT, "TEST.WEIGHT")
+    device = processor.select_device(cfg)
+    splits = read_dataset(cfg)
+    model = model_from_checkpoint(cfg, ckpt, cfg.TEST.WEIGHT).to(device)
+    model.use_fused_attention(not args.explicit_attention)
+    loader = make_test_loader(cfg, splits, distributed.rank(), distributed.world_size())
+    metrics, arrays = processor.test_model(cfg, model, loader, len(splits.query), device)
+    if distributed.is_main():
+        print(f"{cfg.TEST.WEIGHT}: heads {model.heads_per_layer()}, tokens {ckpt.get('channels')}")
+        print(f"{len(splits.query)} queries, {len(splits.gallery)} gallery images: {processor.format_metrics(metrics)}")
+        if args.mat:
+            qf, ql, qc, gf, gl, gc = arrays
+            utils.savemat_atomic({"query_f": qf, "query_label": ql, "query_cam": qc + 1, "gallery_f": gf,
+                                  "gallery_label": gl, "gallery_cam": gc + 1}, args.mat)
+            print(f"wrote {args.mat} (score it with: python evaluate_gpu.py --mat {args.mat} --protocol standard)")
+        if args.json:
+            utils.write_text_atomic(json.dumps(metrics, indent=1), args.json)
+    distributed.cleanup()
+    return metrics
+
+
+def get_parser() -> argparse.ArgumentParser:
+    p = get_args_parser(__doc__.splitlines()[0])
+    p.add_argument("--mat", type=Path, default=None,
+                   help="also write the scored features, ids and cameras (1-based) as a .mat file for evaluate_gpu.py")
+    p.add_argument("--json", type=Path, default=None, help="also write the metrics as JSON")
+    p.add_argument("--explicit_attention", action="store_true",
+                   help="compute attention as softmax(q.k) instead of scaled_dot_product_attention (same features)")
+    return p
+
+
+if __name__ == "__main__":
+    cli.run_main(main, get_parser().parse_intermixed_args(), (ConfigError, DatasetError, ModelError, processor.RunError))
