@@ -87,6 +87,15 @@ def sum_over_ranks(values: list[float], device: torch.device) -> list[float]:
     return t.tolist()
 
 
+def sum_tensor_over_ranks(t: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """The elementwise sum of every rank's `t` (returned on t's device)."""
+    if world_size() == 1:
+        return t
+    summed = t.to(device)
+    dist.all_reduce(summed)
+    return summed.to(t.device)
+
+
 def gather_with_grad(x: torch.Tensor) -> torch.Tensor:
     """All ranks' `x` concatenated in rank order; gradients flow back to the rank each piece came from."""
     if world_size() == 1:

@@ -44,8 +44,8 @@ def get_args_parser() -> argparse.ArgumentParser:
                    help="number of identities; the first half (rounded up) are training ids, the rest test ids")
     p.add_argument("--images_per_id", type=cli.positive_int, default=12, help="images per identity (at least 4)")
     p.add_argument("--cameras", type=cli.positive_int, default=None,
-                   help="number of cameras (default: 6 market, 8 duke and occluded_duke, 15 msmt; market allows at most 6, "
-                        "msmt 99)")
+                   help="number of cameras (default: 6 market, 8 duke and occluded_duke, 15 msmt; market allows "
+                        "at most 6, msmt 99)")
     p.add_argument("--seed", type=cli.nonnegative_int, default=0,
                    help="random seed; the same seed gives byte-identical files")
     p.add_argument("--overwrite", action="store_true",

@@ -150,6 +150,9 @@ def model_from_state_dict(state: dict) -> nn.Module:
 
 
 def inference_params(net: nn.Module) -> int:
-    """Parameters used to compute the re-ID feature (the unused fc and classifier Linear excluded)."""
+    """Parameters used to compute the re-ID feature (the unused fc and classifier Linear excluded); a
+    model that knows its own count (`feature_params`, e.g. a TransReID ViT) is asked."""
+    if hasattr(net, "feature_params"):
+        return net.feature_params()
     return sum(p.numel() for n, p in net.named_parameters()
                if not n.startswith(("model.fc.", "classifier.classifier.")))

@@ -80,7 +80,7 @@ def median_latencies(fns: dict[str, Callable[[], object]], warmup: int, repeats:
 def compare(models: dict[str, torch.nn.Module], input_size: tuple[int, int], batch_sizes: list[int],
             device: torch.device, warmup: int, repeats: int, onnx_threads: int | None = None,
             onnx_models: tuple[str, ...] = (), extra_onnx: dict[str, tuple[Path, torch.nn.Module]] | None = None,
-            test_dir: str | Path | None = None) -> list[dict]:
+            test_dir: str | Path | None = None, onnx_dynamo: bool = True) -> list[dict]:
     """One row per model, per model named in onnx_models also run under ONNX Runtime, and per ready ONNX
     file in extra_onnx ({row name: (path, the model it computes)}, e.g. an INT8 one): params, MACs, MAC
     ratio, size of the ONNX files, mAP and Rank-1 on test_dir (when given) and latency per batch size.
@@ -107,8 +107,8 @@ def compare(models: dict[str, torch.nn.Module], input_size: tuple[int, int], bat
                                                                                        name)
     with tempfile.TemporaryDirectory() as tmp:
         for name in onnx_models:
-            add_onnx(f"{name} (onnxruntime)", onnx_export.export_onnx(models[name], Path(tmp) / f"{len(rows)}.onnx",
-                                                                      input_size), models[name])
+            path = onnx_export.export_onnx(models[name], Path(tmp) / f"{len(rows)}.onnx", input_size, onnx_dynamo)
+            add_onnx(f"{name} (onnxruntime)", path, models[name])
         for name, (path, net) in (extra_onnx or {}).items():
             add_onnx(name, Path(path), net)
         if test_dir is not None:

@@ -1,6 +1,7 @@
 """Small helpers shared by the scripts: devices, seeds, atomic writes, options, model cost."""
 from __future__ import annotations
 
+import contextlib
 import os
 import random
 from pathlib import Path
@@ -88,7 +89,9 @@ def count_macs(model: torch.nn.Module, input_size: tuple[int, int] = (256, 128))
     was_training = model.training
     model.eval()
     counter = FlopCounterMode(display=False)
-    with counter, torch.no_grad():
+    # a ViT with a fused attention path is counted with explicit attention (SDPA is not counted on the CPU)
+    explicit = getattr(model, "explicit_attention", contextlib.nullcontext)
+    with explicit(), counter, torch.no_grad():
         getattr(model, "extract", model)(torch.zeros(1, 3, *input_size, device=device))
     model.train(was_training)
     return counter.get_total_flops() // 2

@@ -6,7 +6,8 @@
 Importing torch and torchvision costs about 5 s per process; here it is paid once, then every case runs
 in a process forked from this clean parent (no torch operation has run in it, so no thread pool is
 copied), as `python SCRIPT ARGS...` would run it: its own cwd, environment, argv, stdout, stderr and
-exit status. Case: {"script" (a path, or "-m package.module"), "args", "cwd", "env", "timeout"}; result: {"code", "stdout", "stderr"}.
+exit status. Case: {"script" (a path, or "-m package.module"), "args", "cwd", "env", "timeout"};
+result: {"code", "stdout", "stderr"}.
 """
 import json
 import os
@@ -31,6 +32,9 @@ import iterative_compress  # noqa: E402,F401
 import prune_hooks  # noqa: E402,F401
 import test  # noqa: E402,F401
 import train_loop  # noqa: E402,F401
+import transreid.finetune  # noqa: E402,F401
+import transreid.test  # noqa: E402,F401
+import transreid.train  # noqa: E402,F401
 
 
 def child(case: dict, out: str, err: str) -> None:

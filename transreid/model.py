@@ -11,6 +11,7 @@ others pass it unchanged (AMG token pruning).
 """
 from __future__ import annotations
 
+import contextlib
 import copy
 import math
 from pathlib import Path
@@ -82,7 +83,8 @@ class Attention(nn.Module):
 class Mlp(nn.Module):
     def __init__(self, dim: int, hidden: int, drop: float = 0.0):
         super().__init__()
-        self.fc1, self.act, self.fc2, self.drop = nn.Linear(dim, hidden), nn.GELU(), nn.Linear(hidden, dim), nn.Dropout(drop)
+        self.fc1, self.act, self.fc2 = nn.Linear(dim, hidden), nn.GELU(), nn.Linear(hidden, dim)
+        self.drop = nn.Dropout(drop)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.drop(self.fc2(self.drop(self.act(self.fc1(x)))))
@@ -253,8 +255,12 @@ class TransReID(nn.Module):
     def forward(self, x: torch.Tensor, cam: torch.Tensor | None = None):
         feats = self.features(x, cam)
         if self.training:
-            return [fc(bn(f)) for f, bn, fc in zip(feats, self.bottlenecks, self.classifiers)], feats
+            return self.classify(feats), feats
         return self.test_feature(feats)
+
+    def classify(self, feats: list[torch.Tensor]) -> list[torch.Tensor]:
+        """One logit vector per feature, through its BNNeck (the running statistics in eval mode)."""
+        return [fc(bn(f)) for f, bn, fc in zip(feats, self.bottlenecks, self.classifiers)]
 
     def test_feature(self, feats: list[torch.Tensor]) -> torch.Tensor:
         """cat(global, local_1 / k, ..., local_k / k), before or after the BNNeck (TEST.NECK_FEAT)."""
@@ -271,6 +277,23 @@ class TransReID(nn.Module):
         for m in self.modules():
             if isinstance(m, Attention):
                 m.fused = on
+
+    @contextlib.contextmanager
+    def explicit_attention(self):
+        """Explicit attention inside the block (e.g. for FlopCounterMode, which does not count SDPA on the CPU)."""
+        saved = [(m, m.fused) for m in self.modules() if isinstance(m, Attention)]
+        self.use_fused_attention(False)
+        try:
+            yield self
+        finally:
+            for m, fused in saved:
+                m.fused = fused
+
+    def feature_params(self) -> int:
+        """Parameters that compute the test feature (classifiers and unused JPM-mode layers excluded)."""
+        unused = ("classifiers.", "base.blocks.%d." % (len(self.base.blocks) - 1), "base.norm.") if self.jpm \
+            else ("classifiers.",)
+        return sum(p.numel() for n, p in self.named_parameters() if not n.startswith(unused))
 
     def heads_per_layer(self) -> list[int]:
         return [blk.attn.heads for blk in self.base.blocks]

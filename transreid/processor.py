@@ -49,11 +49,13 @@ def prepare_run_folder(cfg, resume: bool, overwrite: bool) -> Path:
     """OUTPUT_DIR, refusing to write over another run unless --overwrite, and checking that --resume
     continues the same configuration. Writes config.yaml."""
     out = Path(cfg.OUTPUT_DIR)
+    if not distributed.is_main_process():  # under torchrun rank 0 checks and writes
+        return out
     saved_file = out / "config.yaml"
     if resume:
         if not (out / "resume.pth").is_file():
             raise RunError(f"--resume: {out} holds no resume.pth to continue from")
-        if distributed.is_main_process() and saved_file.is_file():
+        if saved_file.is_file():
             saved = flat_config(utils.load_options(saved_file))
             for key, value in flat_config(cfg).items():
                 if not key.startswith(RESUME_FREE) and key in saved and saved[key] != value:
@@ -61,10 +63,19 @@ def prepare_run_folder(cfg, resume: bool, overwrite: bool) -> Path:
     elif saved_file.is_file() and not overwrite:
         raise RunError(f"{out} already holds a run: pass --resume to continue it, --overwrite to replace it, "
                        "or set another OUTPUT_DIR")
-    if distributed.is_main_process():
-        out.mkdir(parents=True, exist_ok=True)
-        utils.write_text_atomic(cfg.dump(), saved_file)
+    out.mkdir(parents=True, exist_ok=True)
+    utils.write_text_atomic(cfg.dump(), saved_file)
     return out
+
+
+def check_checkpoint_fits(ckpt: dict, splits, path, what: str, classes: bool) -> None:
+    """The dataset's cameras (SIE) and, when the classifier is used, its ids must fit the checkpoint."""
+    if ckpt["camera_num"] and splits.camera_num > ckpt["camera_num"]:
+        raise RunError(f"{what} {path} has a camera embedding for {ckpt['camera_num']} cameras, the dataset has "
+                       f"{splits.camera_num}")
+    if classes and ckpt["num_classes"] != splits.num_classes:
+        raise RunError(f"{what} {path} was trained on {ckpt['num_classes']} ids, the dataset has "
+                       f"{splits.num_classes} training ids")
 
 
 def log(out: Path | None, line: str) -> None:

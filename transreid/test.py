@@ -16,6 +16,7 @@ import cli
 import distributed
 import utils
 from dataset_layout import DatasetError
+from onnx_export import export_onnx, onnx_max_difference
 from transreid import processor
 from transreid.config import ConfigError, get_args_parser, load_config
 from transreid.datasets import make_test_loader, read_dataset
@@ -29,6 +30,7 @@ def main(args: argparse.Namespace) -> dict:
     ckpt = read_reid_checkpoint(cfg.TEST.WEIGHT, "TEST.WEIGHT")
     device = processor.select_device(cfg)
     splits = read_dataset(cfg)
+    processor.check_checkpoint_fits(ckpt, splits, cfg.TEST.WEIGHT, "TEST.WEIGHT", classes=False)
     model = model_from_checkpoint(cfg, ckpt, cfg.TEST.WEIGHT).to(device)
     model.use_fused_attention(not args.explicit_attention)
     loader = make_test_loader(cfg, splits, distributed.rank(), distributed.world_size())
@@ -43,6 +45,13 @@ def main(args: argparse.Namespace) -> dict:
             print(f"wrote {args.mat} (score it with: python evaluate_gpu.py --mat {args.mat} --protocol standard)")
         if args.json:
             utils.write_text_atomic(json.dumps(metrics, indent=1), args.json)
+        if args.export_onnx:
+            size = tuple(cfg.INPUT.SIZE_TEST)
+            path = export_onnx(model.cpu(), args.export_onnx, size, dynamo=False)
+            difference = onnx_max_difference(model, path, size)
+            print(f"wrote {path} (input 'images' [batch, 3, {size[0]}, {size[1]}], camera 0 for SIE); ONNX Runtime "
+                  f"vs PyTorch max difference " + ("n/a (onnxruntime missing)" if difference is None else
+                                                   f"{difference:.1e}"))
     distributed.cleanup()
     return metrics
 
@@ -52,10 +61,14 @@ def get_parser() -> argparse.ArgumentParser:
     p.add_argument("--mat", type=Path, default=None,
                    help="also write the scored features, ids and cameras (1-based) as a .mat file for evaluate_gpu.py")
     p.add_argument("--json", type=Path, default=None, help="also write the metrics as JSON")
+    p.add_argument("--export_onnx", type=Path, default=None,
+                   help="also export the (pruned) model's test feature as ONNX to this file and check it under ONNX "
+                        "Runtime")
     p.add_argument("--explicit_attention", action="store_true",
                    help="compute attention as softmax(q.k) instead of scaled_dot_product_attention (same features)")
     return p
 
 
 if __name__ == "__main__":
-    cli.run_main(main, get_parser().parse_intermixed_args(), (ConfigError, DatasetError, ModelError, processor.RunError))
+    cli.run_main(main, get_parser().parse_intermixed_args(),
+                 (ConfigError, DatasetError, ModelError, processor.RunError))

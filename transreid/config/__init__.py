@@ -72,7 +72,8 @@ def _pair(value, key: str) -> None:
 def check_config(cfg: CfgNode) -> None:
     """Every value the code relies on, checked once before any work."""
     m, s, i, t, f = cfg.MODEL, cfg.SOLVER, cfg.INPUT, cfg.TEST, cfg.FINETUNE
-    _require(m.TRANSFORMER_TYPE in ARCHS, f"MODEL.TRANSFORMER_TYPE {m.TRANSFORMER_TYPE!r} is not one of {', '.join(ARCHS)}")
+    _require(m.TRANSFORMER_TYPE in ARCHS,
+             f"MODEL.TRANSFORMER_TYPE {m.TRANSFORMER_TYPE!r} is not one of {', '.join(ARCHS)}")
     _require(m.DEVICE in ("cuda", "cpu"), f"MODEL.DEVICE must be 'cuda' or 'cpu', got {m.DEVICE!r}")
     _require(m.NAME == "transformer", f"MODEL.NAME {m.NAME!r}: only 'transformer' is implemented here")
     _require(cfg.DATASETS.NAMES in DATASETS, f"DATASETS.NAMES {cfg.DATASETS.NAMES!r} is not one of "
@@ -86,11 +87,12 @@ def check_config(cfg: CfgNode) -> None:
         _require(value == off, f"{key} {value!r} is not implemented here (only {off!r})")
     _require(m.PRETRAIN_CHOICE in ("imagenet", "self", "none"),
              f"MODEL.PRETRAIN_CHOICE must be 'imagenet', 'self' or 'none', got {m.PRETRAIN_CHOICE!r}")
-    _require(m.IF_LABELSMOOTH in ("on", "off"), f"MODEL.IF_LABELSMOOTH must be 'on' or 'off'")
+    _require(m.IF_LABELSMOOTH in ("on", "off"), "MODEL.IF_LABELSMOOTH must be 'on' or 'off'")
     _pair(m.STRIDE_SIZE, "MODEL.STRIDE_SIZE")
     _pair(i.SIZE_TRAIN, "INPUT.SIZE_TRAIN")
     _pair(i.SIZE_TEST, "INPUT.SIZE_TEST")
-    _require(all(16 <= v for v in list(i.SIZE_TRAIN) + list(i.SIZE_TEST)), "INPUT sizes must be at least 16 (the patch)")
+    _require(all(16 <= v for v in list(i.SIZE_TRAIN) + list(i.SIZE_TEST)),
+             "INPUT sizes must be at least 16 (the patch)")
     _require(len(i.PIXEL_MEAN) == 3 and len(i.PIXEL_STD) == 3 and all(v > 0 for v in i.PIXEL_STD),
              "INPUT.PIXEL_MEAN and INPUT.PIXEL_STD need three values (std > 0)")
     for key, value in (("INPUT.PROB", i.PROB), ("INPUT.RE_PROB", i.RE_PROB), ("MODEL.DROP_PATH", m.DROP_PATH),
@@ -110,15 +112,19 @@ def check_config(cfg: CfgNode) -> None:
                        ("MODEL.SIE_COE", m.SIE_COE), ("FINETUNE.FINE_NUM", f.FINE_NUM),
                        ("FINETUNE.FINAL_NUM", f.FINAL_NUM), ("FINETUNE.DISTILL_ALPHA", f.DISTILL_ALPHA)):
         _require(math.isfinite(value) and value >= 0, f"{key} must be non-negative, got {value}")
-    _require(s.OPTIMIZER_NAME in ("SGD", "AdamW"), f"SOLVER.OPTIMIZER_NAME must be 'SGD' or 'AdamW'")
+    _require(s.OPTIMIZER_NAME in ("SGD", "AdamW"), "SOLVER.OPTIMIZER_NAME must be 'SGD' or 'AdamW'")
     k = cfg.DATALOADER.NUM_INSTANCE
     _require(s.IMS_PER_BATCH % k == 0 and s.IMS_PER_BATCH // k >= 2,
              f"SOLVER.IMS_PER_BATCH {s.IMS_PER_BATCH} must be a multiple of DATALOADER.NUM_INSTANCE {k} holding "
              "at least 2 identities (the triplet loss takes its negatives from other identities)")
     _require(t.NECK_FEAT in ("before", "after"), f"TEST.NECK_FEAT must be 'before' or 'after', got {t.NECK_FEAT!r}")
     _require(t.FEAT_NORM in ("yes", "no"), f"TEST.FEAT_NORM must be 'yes' or 'no', got {t.FEAT_NORM!r}")
-    _require(f.PRUNE_MODE in PRUNE_MODES, f"FINETUNE.PRUNE_MODE {f.PRUNE_MODE!r} is not one of {', '.join(PRUNE_MODES)}")
+    _require(f.PRUNE_MODE in PRUNE_MODES,
+             f"FINETUNE.PRUNE_MODE {f.PRUNE_MODE!r} is not one of {', '.join(PRUNE_MODES)}")
     _require(0.0 <= f.PRUNE_RATE < 1.0, f"FINETUNE.PRUNE_RATE must be in [0, 1), got {f.PRUNE_RATE}")
-    _require(f.DISTILL_TYPE in ("soft", "hard", "none"), f"FINETUNE.DISTILL_TYPE must be 'soft', 'hard' or 'none'")
+    _require(f.DISTILL_TYPE in ("soft", "hard", "none"), "FINETUNE.DISTILL_TYPE must be 'soft', 'hard' or 'none'")
     _require(math.isfinite(f.DISTILL_TAU) and f.DISTILL_TAU > 0, "FINETUNE.DISTILL_TAU must be positive")
+    _require(f.PRUNE_MODE != "head" or (len(f.HEAD_RANK) > 0 and f.ITER_NUM == 1),
+             "FINETUNE.PRUNE_MODE 'head' needs FINETUNE.HEAD_RANK (one score per head of each prunable layer) and "
+             "FINETUNE.ITER_NUM 1 (the ranks name the heads of the starting model)")
     _require(cfg.OUTPUT_DIR != "", "OUTPUT_DIR must name a folder")
