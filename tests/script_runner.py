@@ -32,9 +32,9 @@ import iterative_compress  # noqa: E402,F401
 import prune_hooks  # noqa: E402,F401
 import test  # noqa: E402,F401
 import train_loop  # noqa: E402,F401
-import transreid.finetune  # noqa: E402,F401
-import transreid.test  # noqa: E402,F401
-import transreid.train  # noqa: E402,F401
+import transreid.amg  # noqa: E402,F401  (not the entry modules: run_module must import those itself)
+import transreid.datasets  # noqa: E402,F401
+import transreid.processor  # noqa: E402,F401
 
 
 def child(case: dict, out: str, err: str) -> None:
