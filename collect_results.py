@@ -123,7 +123,8 @@ def plot(rows: list[dict], out: Path) -> list[Path]:
         fig, ax = plt.subplots(figsize=(6, 4.5))
         for method in sorted({r["method"] for r in points}):
             for arch in sorted({r["arch"] for r in points}):
-                sel = sorted((r for r in points if r["method"] == method and r["arch"] == arch), key=lambda r: r["GMACs"])
+                sel = sorted((r for r in points if r["method"] == method and r["arch"] == arch),
+                             key=lambda r: r["GMACs"])
                 if sel:
                     ax.plot([r["GMACs"] for r in sel], [100 * r["mAP"] for r in sel], marker=markers.get(arch, "x"),
                             label=f"{method} {arch}")

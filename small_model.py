@@ -230,7 +230,8 @@ def conv_output_sizes(net: nn.Module, input_size: tuple[int, int]) -> dict[str, 
     sizes, hooks = {}, []
     for name, m in net.named_modules():
         if isinstance(m, nn.Conv2d):
-            hooks.append(m.register_forward_hook(lambda mod, inp, out, name=name: sizes.__setitem__(name, out.shape[2:])))
+            hooks.append(m.register_forward_hook(
+                lambda mod, inp, out, name=name: sizes.__setitem__(name, out.shape[2:])))
     was_training = net.training
     net.eval()
     with torch.no_grad():

@@ -67,8 +67,9 @@ def main() -> None:
     t_epoch, selected = timed(epoch_end, args.repeats)
     net.load_state_dict(state)
     selected = mask.select(net)
+    n_filters = sum(p.shape[0] for n, p in net.named_parameters() if n in rates)
     print(f"ours: allocation {t_alloc:.2f} s, epoch-end update {t_epoch:.2f} s "
-          f"({sum(len(v) for v in selected.values())} of {sum(p.shape[0] for n, p in net.named_parameters() if n in rates)} "
+          f"({sum(len(v) for v in selected.values())} of {n_filters} "
           f"filters selected; median of {args.repeats})")
 
     names = list(rates)

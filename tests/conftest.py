@@ -1,3 +1,4 @@
+import argparse
 import json
 import subprocess
 import sys
@@ -56,6 +57,31 @@ def synthetic_occ_duke(tmp_path_factory) -> Path:
                    "--out", root / "Occluded_Duke")
     assert r.returncode == 0, r.stderr
     return root
+
+
+def make_args(data_root, results, **over) -> argparse.Namespace:
+    """Training arguments of a small from-scratch ResNet-18 run on a prepared synthetic dataset."""
+    import train_loop
+    argv = ["--data_dir", str(data_root / "pytorch"), "--train_all", "--network_arch", "resnet18", "--no_pretrained",
+            "--Epochs", "3", "--batchsize", "8", "--height", "64", "--width", "32", "--workers", "0", "--lr", "0.1",
+            "--results_dir", str(results), "--name", "run"]
+    args = train_loop.add_training_args(argparse.ArgumentParser()).parse_args(argv)
+    vars(args).update(over)
+    return args
+
+
+TRAINED_RESNET18 = {"Epochs": 4, "height": 96, "width": 48}
+
+
+@pytest.fixture(scope="session")
+def trained_resnet18(synthetic_market, tmp_path_factory) -> Path:
+    """net_last.pth of a ResNet-18 trained from scratch for 4 epochs at 96x48 on the synthetic Market:
+    shared by the training test and the quantization test (which judges INT8 error on trained features)."""
+    import train_loop
+    results = tmp_path_factory.mktemp("trained")
+    args = make_args(synthetic_market, results, **TRAINED_RESNET18)
+    train_loop.train(args)
+    return results / "ft_resnet18" / "run" / "net_last.pth"
 
 
 TINY_CFG = "transreid/configs/OCC_Duke/tiny.yml"

@@ -1,5 +1,4 @@
 """The edge pipeline: shrinking a small model again, iterative compression, INT8 quantization."""
-import argparse
 import json
 
 import numpy as np
@@ -160,25 +159,12 @@ def test_qat_model_saves_plain_weights():
     assert cos.min() > 0.95 and cos.min() < 1.0
 
 
-@pytest.fixture(scope="module")
-def trained_checkpoint(tmp_path_factory, synthetic_market):
-    """A ResNet-18 trained for a few epochs at 96x48: quantization error is judged on real features."""
-    import train_loop
-    out = tmp_path_factory.mktemp("trained")
-    args = train_loop.add_training_args(argparse.ArgumentParser()).parse_args(
-        ["--data_dir", str(synthetic_market / "pytorch"), "--train_all", "--network_arch", "resnet18",
-         "--no_pretrained", "--Epochs", "4", "--batchsize", "8", "--height", "96", "--width", "48", "--workers", "0",
-         "--lr", "0.1", "--results_dir", str(out), "--name", "run"])
-    torch.manual_seed(0)
-    train_loop.train(args)
-    return out / "ft_resnet18" / "run" / "net_last.pth"
-
-
 @needs_onnx
-def test_int8_model_is_close_to_float_and_much_smaller(synthetic_market, trained_checkpoint, tmp_path):
+def test_int8_model_is_close_to_float_and_much_smaller(synthetic_market, trained_resnet18, tmp_path):
+    """Quantization error judged on the features of a trained network."""
     out = tmp_path / "int8"
     args = quantize.get_args_parser().parse_args(
-        ["--checkpoint", str(trained_checkpoint), "--out", str(out), "--data_dir", str(synthetic_market / "pytorch"),
+        ["--checkpoint", str(trained_resnet18), "--out", str(out), "--data_dir", str(synthetic_market / "pytorch"),
          "--train_all", "--height", "96", "--width", "48", "--workers", "0", "--batchsize", "8", "--Epochs", "1",
          "--calib_images", "48", "--repeats", "3"])
     rows = quantize.main(args)

@@ -61,7 +61,7 @@ def test_msmt_lists_and_two_digit_cameras(tmp_path):
     res = run_script("prepare_msmt.py", "--data_dir", root)
     assert res.returncode == 0, res.stderr
     out = root / "pytorch"
-    listed = lambda name: [l.split()[0] for l in (root / name).read_text().splitlines()]  # noqa: E731
+    listed = lambda name: [line.split()[0] for line in (root / name).read_text().splitlines()]  # noqa: E731
     for split, lists in [("train", ["list_train.txt"]), ("val", ["list_val.txt"]),
                          ("train_all", ["list_train.txt", "list_val.txt"]),
                          ("query", ["list_query.txt"]), ("gallery", ["list_gallery.txt"])]:

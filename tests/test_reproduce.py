@@ -63,7 +63,8 @@ def test_collect_results_rows_and_plot(tmp_path):
     assert set(rows) == {"bafd", "sfp"}
     for method, metrics in expected.items():
         assert rows[method]["mAP"] == pytest.approx(metrics["mAP"]) and rows[method]["dataset"] == "Market"
-        assert (tmp_path / f"ft_resnet18/{method}_resnet18_Market_{rows[method]['prune_rate']}/metrics_last.json").is_file()
+        run = f"{method}_resnet18_Market_{rows[method]['prune_rate']}"
+        assert (tmp_path / "ft_resnet18" / run / "metrics_last.json").is_file()
     assert rows["sfp"]["prune_rate"] == 0.9 and rows["bafd"]["params_M"] > 0
     summary = tmp_path / "summary"
     assert "| bafd | resnet18 | Market |" in (summary / "results.md").read_text()

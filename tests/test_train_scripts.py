@@ -80,7 +80,9 @@ class CrashAt2(prune_hooks.MaskHook):
 
 
 def test_bafd_resume_reproduces_masks_and_weights(synthetic_market, tmp_path):
-    argv = ["--data_dir", str(synthetic_market / "pytorch"), *COMMON, "--Epochs", "2", "--name", "r", "--knn", "2"]
+    """Also the training loop's own resume (model, optimiser, scheduler, RNG, log, checkpoints)."""
+    argv = ["--data_dir", str(synthetic_market / "pytorch"), *COMMON, "--Epochs", "2", "--name", "r", "--knn", "2",
+            "--save_epoch", "1"]
     parser = APFP_train.get_args_parser()
     full = train_loop.train(parser.parse_args(argv + ["--results_dir", str(tmp_path / "a")]), prune_hooks.bafd_hook)
 
@@ -98,6 +100,9 @@ def test_bafd_resume_reproduces_masks_and_weights(synthetic_market, tmp_path):
              for d in ("a", "b")]
     assert masks[0]["rates"] == masks[1]["rates"]
     assert all(torch.equal(masks[0]["selected"][k], masks[1]["selected"][k]) for k in masks[0]["selected"])
+    run = tmp_path / "b" / "ft_resnet18" / "r"
+    assert [line.split(",")[0] for line in (run / "log.csv").read_text().splitlines()[1:]] == ["1", "2"]
+    assert sorted(p.name for p in run.glob("net_*.pth")) == ["net_1.pth", "net_2.pth", "net_last.pth"]
 
 
 def test_bad_arguments_are_one_line_errors(synthetic_market, tmp_path):

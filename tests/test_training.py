@@ -1,5 +1,4 @@
 """The shared loop: mining, loss, learning, resume, test.py's .mat layout."""
-import argparse
 
 import numpy as np
 import pytest
@@ -8,7 +7,7 @@ import torch
 
 import losses
 import train_loop
-from conftest import run_script
+from conftest import TRAINED_RESNET18, make_args, run_script
 from evaluate_gpu import evaluate
 
 
@@ -35,19 +34,10 @@ def test_mining_without_negative_in_pool_scores_zero_and_keeps_gradient():
     assert f.grad is not None and f.grad.abs().sum() > 0
 
 
-def make_args(data_root, results, **over):
-    argv = ["--data_dir", str(data_root / "pytorch"), "--train_all", "--network_arch", "resnet18", "--no_pretrained",
-            "--Epochs", "3", "--batchsize", "8", "--height", "64", "--width", "32", "--workers", "0", "--lr", "0.1",
-            "--results_dir", str(results), "--name", "run"]
-    args = train_loop.add_training_args(argparse.ArgumentParser()).parse_args(argv)
-    vars(args).update(over)
-    return args
-
-
-def features_map(net, root):
+def features_map(net, root, size: tuple[int, int]) -> float:
     import data
     from test import extract_features
-    t = data.test_transform((64, 32))
+    t = data.test_transform(size)
     out = []
     for split in ("query", "gallery"):
         ds = data.ReidImages(root / "pytorch" / split, t)
@@ -55,45 +45,23 @@ def features_map(net, root):
     return evaluate(*out, device="cpu")["mAP"]
 
 
-def test_training_lowers_loss_and_beats_untrained(synthetic_market, tmp_path):
-    args = make_args(synthetic_market, tmp_path)
+def test_training_lowers_loss_and_beats_untrained(synthetic_market, trained_resnet18):
+    from model import model_from_state_dict
+    run = trained_resnet18.parent
+    args = make_args(synthetic_market, run.parent.parent, **TRAINED_RESNET18)
     torch.manual_seed(args.seed)
     untrained = train_loop.default_model(args, 6)
-    net = train_loop.train(args)
-    log = (tmp_path / "ft_resnet18" / "run" / "log.csv").read_text().splitlines()
+    net = model_from_state_dict(torch.load(trained_resnet18, weights_only=True))
+    log = (run / "log.csv").read_text().splitlines()
     losses = [float(line.split(",")[1]) for line in log[1:]]
-    assert len(losses) == 3 and losses[-1] < losses[0]
-    before, after = features_map(untrained, synthetic_market), features_map(net, synthetic_market)
+    assert len(losses) == 4 and losses[-1] < losses[0]
+    size = (args.height, args.width)
+    before, after = features_map(untrained, synthetic_market, size), features_map(net, synthetic_market, size)
     assert after > before + 0.15, (before, after)
-    out = tmp_path / "ft_resnet18" / "run"
+    out = run
     assert {"net_last.pth", "opts.yaml", "log.csv", "resume.pth"} <= {p.name for p in out.iterdir()}
     assert not list(out.glob(".*.tmp")), "atomic writes leave no temporaries"
     torch.load(out / "resume.pth", weights_only=True)  # plain tensors and values only
-
-
-class CrashAt(train_loop.EpochEndHook):
-    def __init__(self, epoch):
-        self.epoch = epoch
-
-    def on_epoch_end(self, net, epoch, last):
-        if epoch == self.epoch:
-            raise KeyboardInterrupt("simulated crash")
-        return ""
-
-
-def test_resume_reaches_the_uninterrupted_result(synthetic_market, tmp_path):
-    small = {"save_epoch": 2, "height": 32, "width": 16}  # equality, not accuracy, is checked: small inputs
-    full = train_loop.train(make_args(synthetic_market, tmp_path / "a", **small))
-    args = make_args(synthetic_market, tmp_path / "b", **small)
-    with pytest.raises(KeyboardInterrupt):
-        train_loop.train(args, make_hook=lambda net, a: CrashAt(3))
-    resumed = train_loop.train(make_args(synthetic_market, tmp_path / "b", resume=True, **small))
-    for (name, a), b in zip(full.state_dict().items(), resumed.state_dict().values()):
-        assert torch.allclose(a.float(), b.float(), atol=1e-6), name
-    log = (tmp_path / "b" / "ft_resnet18" / "run" / "log.csv").read_text().splitlines()
-    assert [line.split(",")[0] for line in log[1:]] == ["1", "2", "3"]
-    saved = sorted(p.name for p in (tmp_path / "b" / "ft_resnet18" / "run").glob("net_*.pth"))
-    assert saved == ["net_2.pth", "net_3.pth", "net_last.pth"]
 
 
 def test_resume_without_state_is_a_clear_error(synthetic_market, tmp_path):
