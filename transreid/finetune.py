@@ -67,6 +67,9 @@ def prune(cfg, model, teacher_loss, loader, device, round_: int, counts: list[in
         scorer.detach()
     if mode == "attn":
         scores = [distributed.sum_tensor_over_ranks(s, device) for s in scorer.patch_scores()]
+        if not all(torch.isfinite(s).all() for s in scores):
+            raise processor.RunError(f"round {round_ + 1}: the attention gradients of the scoring epoch are not finite "
+                                     "(try a lower SOLVER.BASE_LR for the start model); nothing was pruned")
         try:
             amg.apply_token_masks(model, amg.select_tokens(scores, n, amg.token_masks(model)))
         except ValueError as e:  # a start model whose tokens were already pruned: too few left
