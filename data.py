@@ -1,4 +1,4 @@
-"""Training and test data (SPEC §3, §6): transforms, anchor+positives dataset, balanced sampler, test sets."""
+"""Training and test data: transforms, anchor+positives dataset, balanced sampler, test sets."""
 from __future__ import annotations
 
 import os

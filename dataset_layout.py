@@ -1,4 +1,4 @@
-"""Raw re-ID dataset layouts (SPEC §1): file-name parsing and the `pytorch/` folder builder.
+"""Raw re-ID dataset layouts: file-name parsing and the `pytorch/` folder builder.
 
 No torch import here: the prepare scripts stay fast and usable without it.
 Every re-ID file name carries its identity and camera; this module is the one place

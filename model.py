@@ -1,4 +1,4 @@
-"""ft_net: a torchvision ResNet backbone + BN-neck head for re-ID (SPEC §2).
+"""ft_net: a torchvision ResNet backbone + BN-neck head for re-ID.
 
 State-dict keys match the reference (`model.layer1.0.conv1.weight`, `classifier.add_block.0.weight`,
 `classifier.classifier.0.weight`, ...), so released checkpoints load.

@@ -1,4 +1,4 @@
-"""Filter pruning criteria (SPEC §4, §5): L1 (HFP), L2 (SFP), FPGM and BAFD.
+"""Filter pruning criteria: L1 (HFP), L2 (SFP), FPGM and BAFD.
 
 Public API (other code and checks call it exactly so):
     select_filters(weight, n_prune, criterion, knn=2, efficient=False) -> sorted LongTensor of pruned filters
@@ -50,7 +50,7 @@ class PrunedConv:
 
 
 def pruned_convs(arch: str) -> list[PrunedConv]:
-    """Every pruned conv of ft_net's backbone, in model order (SPEC §4).
+    """Every pruned conv of ft_net's backbone, in model order.
 
     resnet18/34: both convs of every basic block (not the stem, not downsample); all are ranked.
     resnet50: the stem and the three convs of every bottleneck (not downsample); the stem and the 3x3
@@ -337,7 +337,7 @@ def allocate_filters(weights: list[torch.Tensor], prune_rate: float, max_lrate: 
 
 def bafd_layer_rates(model: nn.Module, arch: str, prune_rate: float, max_lrate: float, knn: int
                      ) -> dict[str, float]:
-    """Per-layer prune rates from the ranked layers' initial weights (SPEC §5), equalised per block."""
+    """Per-layer prune rates from the ranked layers' initial weights, equalised per block."""
     check_rate(prune_rate, "--prune_rate")
     check_rate(max_lrate, "--max_lrate")
     if knn < 1:

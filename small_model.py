@@ -1,4 +1,4 @@
-"""Physically smaller ft_net (SPEC §7): pruned filters removed, not zeroed.
+"""Physically smaller ft_net: pruned filters removed, not zeroed.
 
 Inner convs lose their pruned filters (and their BN the matching entries); the next conv loses the
 matching input channels. A block's last conv keeps only its kept outputs, which are added into the

@@ -1,4 +1,4 @@
-"""Extract query/gallery features of a trained run and write pytorch_result.mat (SPEC §6).
+"""Extract query/gallery features of a trained run and write pytorch_result.mat.
 
     python test.py --name bafd_r18 --which_epoch last --test_dir ./datasets/Market/pytorch
     python evaluate_gpu.py
@@ -103,7 +103,7 @@ def load_run_model(run: Path, which_epoch: str, expected_arch: str | None = None
 
 def write_features(net: torch.nn.Module, test_dir: str, size: tuple[int, int], device: torch.device,
                    args: argparse.Namespace) -> None:
-    """query/gallery features -> args.mat (SPEC §6 keys); with args.multi also multi_query.mat beside it."""
+    """query/gallery features -> args.mat (the reference's keys); with args.multi also multi_query.mat beside it."""
     transform = data.test_transform(size)
     result = {}
     for split in ("gallery", "query"):

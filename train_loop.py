@@ -1,4 +1,4 @@
-"""The one training loop shared by APFP_train.py (BAFD), SFP_train.py, FPGM_train.py and L1_train.py (SPEC §3).
+"""The one training loop shared by APFP_train.py (BAFD), SFP_train.py, FPGM_train.py and L1_train.py.
 
 A train script is its argument parser plus the choice of an epoch-end hook (the pruner) and, for HFP,
 of the model it starts from. Everything else (data, mining, loss, optimiser, checkpoints, resume)

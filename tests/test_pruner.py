@@ -128,7 +128,7 @@ def test_allocation_invariants(arch):
     params = dict(net.named_parameters())
     convs = [n for n, p in params.items() if p.dim() == 4 and "downsample" not in n]
     expected = convs if arch == "resnet50" else [n for n in convs if n != "model.conv1.weight"]
-    assert list(rates) == expected  # exactly the layer set of SPEC §4, in model order
+    assert list(rates) == expected  # exactly the pruned layer set, in model order
     ranked = [n for n in rates if arch != "resnet50" or n == "model.conv1.weight" or ".conv2." in n]
     sizes = {n: params[n].shape[0] for n in rates}
     removed = sum(int(sizes[n] * rates[n]) for n in ranked)
