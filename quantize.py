@@ -185,6 +185,7 @@ def get_args_parser() -> argparse.ArgumentParser:
                    help="7-bit weights: avoids U8S8 saturation on x86 CPUs without VNNI, if accuracy drops")
     p.add_argument("--threads", type=cli.positive_int, default=None, help="CPU threads for ONNX Runtime timing")
     p.add_argument("--repeats", type=cli.positive_int, default=30, help="timed batch-1 runs (the median is reported)")
+    onnx_export.add_exporter_argument(p)
     train_loop.add_training_args(p, lr=0.001, help_overrides={
         **train_loop.PIPELINE_UNUSED_FLAGS, "--prune_rate": "not used",
         "--Epochs": "quantization-aware fine-tuning epochs (0: post-training quantization only)",
@@ -218,13 +219,14 @@ def main(args: argparse.Namespace) -> list[dict]:
     test_dir = Path(args.test_dir or args.data_dir.split(",")[0])
     batches = calibration_batches(roots, args.calib_images, size, seed=args.seed)
     deploy = make_deploy_model(small)  # the fastest form, same features (see small_model.py)
-    fp32 = onnx_export.export_onnx(deploy, out / "fp32.onnx", size)
+    dynamo = args.onnx_exporter == "dynamo"
+    fp32 = onnx_export.export_onnx(deploy, out / "fp32.onnx", size, dynamo)
     models = [("small fp32 (onnxruntime)", fp32, deploy),
               ("small int8 PTQ (onnxruntime)", quantize_onnx(fp32, out / "int8_ptq.onnx", batches, args.reduce_range),
                deploy)]
     if args.Epochs > 0:
         tuned = make_deploy_model(qat_finetune(small, args, out).eval())
-        qat_fp32 = onnx_export.export_onnx(tuned, out / "qat_fp32.onnx", size)
+        qat_fp32 = onnx_export.export_onnx(tuned, out / "qat_fp32.onnx", size, dynamo)
         models.append(("small int8 QAT (onnxruntime)",
                        quantize_onnx(qat_fp32, out / "int8_qat.onnx", batches, args.reduce_range), tuned))
     rows = runtime_comparison.compare({}, size, [1], torch.device("cpu"), 5, args.repeats, args.threads,

@@ -24,6 +24,7 @@ import torch
 import cli
 import data
 import model as model_lib
+import onnx_export
 import test as test_lib
 import utils
 from dataset_layout import DatasetError
@@ -54,6 +55,7 @@ def get_args_parser() -> argparse.ArgumentParser:
     p.add_argument("--calib_dir", default=None,
                    help="--int8: prepared dataset(s) whose training images calibrate (default: the run's --data_dir)")
     p.add_argument("--calib_images", type=cli.positive_int, default=256, help="--int8: number of calibration images")
+    onnx_export.add_exporter_argument(p)
     p.add_argument("--test_dir", default=None,
                    help="also report mAP and Rank-1 of every row on this prepared dataset's query/gallery")
     return p
@@ -85,7 +87,6 @@ def compare(models: dict[str, torch.nn.Module], input_size: tuple[int, int], bat
     file in extra_onnx ({row name: (path, the model it computes)}, e.g. an INT8 one): params, MACs, MAC
     ratio, size of the ONNX files, mAP and Rank-1 on test_dir (when given) and latency per batch size.
     MAC ratio and speed-up are relative to the first model. All rows of one batch size are timed in turns."""
-    import onnx_export
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
     rows, runners, features = [], {}, {}
     inputs = {b: torch.randn(b, 3, *input_size, device=device) for b in batch_sizes}
@@ -171,7 +172,6 @@ def onnx_available() -> bool:
 
 def int8_file(run: Path, deploy: torch.nn.Module, args: argparse.Namespace, size: tuple[int, int]) -> Path:
     """RUN/net_<epoch>_small_int8.onnx: the deploy form statically quantized, calibrated on training images."""
-    import onnx_export
     import quantize
     opts = utils.load_options(run / "opts.yaml") if (run / "opts.yaml").is_file() else {}
     source = args.calib_dir or opts.get("data_dir")
@@ -180,7 +180,7 @@ def int8_file(run: Path, deploy: torch.nn.Module, args: argparse.Namespace, size
     batches = quantize.calibration_batches(data.training_dirs(source, bool(opts.get("train_all", True))),
                                            args.calib_images, size)
     with tempfile.TemporaryDirectory() as tmp:
-        fp32 = onnx_export.export_onnx(deploy, Path(tmp) / "fp32.onnx", size)
+        fp32 = onnx_export.export_onnx(deploy, Path(tmp) / "fp32.onnx", size, args.onnx_exporter == "dynamo")
         return quantize.quantize_onnx(fp32, run / f"net_{args.which_epoch}_small_int8.onnx", batches)
 
 
@@ -203,7 +203,8 @@ def main(args: argparse.Namespace) -> list[dict]:
         extra["small deploy int8 (onnxruntime)"] = (int8_file(run, models["small deploy"], args, size),
                                                      models["small deploy"])
     rows = compare(models, size, batch_sizes, device, args.warmup, args.repeats, args.threads,
-                   ("full", "small", "small deploy") if use_onnx else (), extra, args.test_dir)
+                   ("full", "small", "small deploy") if use_onnx else (), extra, args.test_dir,
+                   args.onnx_exporter == "dynamo")
     print(f"{run}: {small.arch} at {size[0]}x{size[1]} on {device}"
           f"{f' ({torch.get_num_threads()} threads)' if device.type == 'cpu' else ''}")
     print(format_table(rows, batch_sizes))
