@@ -123,7 +123,8 @@ def main(args: argparse.Namespace) -> dict:
     start, history, best = 0, [], {"mAP": -1.0}
     if resume is not None:
         optimizer.load_state_dict(resume["optimizer"])
-        utils.set_rng_state(resume["rng"])
+        rng = resume["rng"]  # one state per rank of the interrupted run
+        utils.set_rng_state(rng[rank] if rank < len(rng) else rng[0])
         start, history, best = resume["next_step"], resume["history"], resume["best"]
     processor.log(out, f"AMG {f.PRUNE_MODE} rate {f.PRUNE_RATE} from {f.PRETRAIN_PATH}: removing {counts} per round, "
                        f"{epochs} fine-tuning epochs, distillation {f.DISTILL_TYPE}")
@@ -149,6 +150,7 @@ def main(args: argparse.Namespace) -> dict:
             processor.log(out, f"epoch {value}/{epochs}  loss {stats['loss']:.4f}  acc {stats['acc']:.3f}  "
                                f"lr {lr:.2e}" + (f"  {processor.format_metrics(record)}" if "mAP" in record else ""))
         history.append(record)
+        rng = distributed.all_gather_object(utils.rng_state())
         if distributed.is_main():
             ckpt = checkpoint(model, step=i, prune_mode=f.PRUNE_MODE, prune_rate=f.PRUNE_RATE)
             if record.get("mAP", -1.0) > best["mAP"]:
@@ -157,7 +159,7 @@ def main(args: argparse.Namespace) -> dict:
             if i == len(steps) - 1:
                 utils.save_atomic({**ckpt, "metrics": record}, out / "last.pth")
             utils.save_atomic({"model": ckpt, "optimizer": optimizer.state_dict(), "next_step": i + 1,
-                               "rng": utils.rng_state(), "history": history, "best": best}, out / "resume.pth")
+                               "rng": rng, "history": history, "best": best}, out / "resume.pth")
         if i == args.stop_after_step:
             processor.log(out, f"stopped after step {i} (--stop_after_step); continue with --resume")
             break

@@ -55,7 +55,8 @@ def main(args: argparse.Namespace) -> dict:
     if resume is not None:
         model.load_state_dict(resume["model"]["state_dict"])
         optimizer.load_state_dict(resume["optimizer"])
-        utils.set_rng_state(resume["rng"])
+        rng = resume["rng"]  # one state per rank of the interrupted run
+        utils.set_rng_state(rng[rank] if rank < len(rng) else rng[0])
         start, history = resume["epoch"] + 1, resume["history"]
     distributed.broadcast_module(model)
     net = processor.wrap(model, device)
@@ -74,12 +75,13 @@ def main(args: argparse.Namespace) -> dict:
         line = f"epoch {epoch}/{s.MAX_EPOCHS}  loss {stats['loss']:.4f}  acc {stats['acc']:.3f}  lr {lr:.2e}  " \
                f"{stats['seconds']:.1f}s"
         processor.log(out, line + (f"  {processor.format_metrics(record)}" if "mAP" in record else ""))
+        rng = distributed.all_gather_object(utils.rng_state())
         if distributed.is_main():
             ckpt = checkpoint(model, epoch=epoch)
             if epoch % s.CHECKPOINT_PERIOD == 0 or epoch == s.MAX_EPOCHS:
                 utils.save_atomic(ckpt, out / f"transformer_{epoch}.pth")
             utils.save_atomic({"model": ckpt, "optimizer": optimizer.state_dict(), "epoch": epoch,
-                               "rng": utils.rng_state(), "history": history}, out / "resume.pth")
+                               "rng": rng, "history": history}, out / "resume.pth")
         if epoch == args.stop_after_epoch:
             processor.log(out, f"stopped after epoch {epoch} (--stop_after_epoch); continue with --resume")
             break
