@@ -1,5 +1,6 @@
-"""AMG: prune a trained TransReID's tokens (PRUNE_MODE attn) or heads (head_entropy, head, random) and
-fine-tune it with distillation from the unpruned model.
+"""AMG: prune a trained TransReID's tokens or heads and fine-tune it with distillation from the unpruned model.
+
+PRUNE_MODE attn removes tokens; head_entropy, head (given ranks) and random remove heads.
 
     python -m transreid.finetune --config_file transreid/configs/Market/vit_transreid_stride_attn.yml
     python -m transreid.finetune --config_file transreid/configs/Market/vit_transreid_stride_head.yml \\
