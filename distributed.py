@@ -79,21 +79,19 @@ def broadcast_module(module: nn.Module) -> None:
             dist.broadcast(tensor.data, src=0)
 
 
-def sum_over_ranks(values: list[float], device: torch.device) -> list[float]:
-    if world_size() == 1:
-        return values
-    t = torch.tensor(values, dtype=torch.float64, device=device)
-    dist.all_reduce(t)
-    return t.tolist()
-
-
 def sum_tensor_over_ranks(t: torch.Tensor, device: torch.device) -> torch.Tensor:
-    """The elementwise sum of every rank's `t` (returned on t's device)."""
+    """The elementwise sum of every rank's `t`, reduced on `device` (NCCL needs CUDA), returned on t's."""
     if world_size() == 1:
         return t
     summed = t.to(device)
     dist.all_reduce(summed)
     return summed.to(t.device)
+
+
+def sum_over_ranks(values: list[float], device: torch.device) -> list[float]:
+    if world_size() == 1:
+        return values
+    return sum_tensor_over_ranks(torch.tensor(values, dtype=torch.float64), device).tolist()
 
 
 def gather_with_grad(x: torch.Tensor) -> torch.Tensor:

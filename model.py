@@ -118,20 +118,20 @@ def num_classes(state_dict: dict) -> int:
     return state_dict["classifier.classifier.0.weight"].shape[0]
 
 
-def load_checkpoint(path: str | os.PathLike, required_key: str = "classifier.classifier.0.weight",
-                    kind: str = "an ft_net state dict") -> dict:
-    """A checkpoint dict (by default an ft_net state dict), loaded safely (weights only); one-line errors
-    for a missing, corrupt or foreign file."""
+def load_checkpoint(path: str | os.PathLike, required_key: str | None = "classifier.classifier.0.weight",
+                    kind: str = "an ft_net state dict", what: str = "checkpoint") -> dict:
+    """A checkpoint dict (by default an ft_net state dict; required_key None: any dict), loaded safely
+    (weights only); one-line errors, naming the file as `what`, for a missing, corrupt or foreign file."""
     path = Path(path)
     if not path.is_file():
-        raise ModelError(f"checkpoint {path} does not exist")
+        raise ModelError(f"{what} {path} does not exist")
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:
-        raise ModelError(f"checkpoint {path} is corrupt or not a state dict ({type(e).__name__}: "
+        raise ModelError(f"{what} {path} is corrupt or not a state dict ({type(e).__name__}: "
                          f"{str(e).splitlines()[0] if str(e) else ''})") from None
-    if not isinstance(state, dict) or required_key not in state:
-        raise ModelError(f"checkpoint {path} is not {kind}")
+    if not isinstance(state, dict) or (required_key is not None and required_key not in state):
+        raise ModelError(f"{what} {path} is not {kind}")
     return state
 
 

@@ -52,10 +52,9 @@ def synthetic_market(tmp_path_factory) -> Path:
 @pytest.fixture(scope="session")
 def synthetic_occ_duke(tmp_path_factory) -> Path:
     """DATASETS.ROOT_DIR holding a small synthetic Occluded_Duke/ (raw layout, occluded queries)."""
+    from make_synthetic_data import generate
     root = tmp_path_factory.mktemp("transreid_data")
-    r = run_script("make_synthetic_data.py", "--format", "occluded_duke", "--ids", "40", "--images_per_id", "8",
-                   "--out", root / "Occluded_Duke")
-    assert r.returncode == 0, r.stderr
+    generate("occluded_duke", root / "Occluded_Duke", n_ids=40, per_id=8, n_cams=8, seed=0)
     return root
 
 

@@ -27,6 +27,7 @@ def test_same_seed_byte_identical_other_seed_differs(tmp_path):
     ("market", MARKET_RE, ["bounding_box_train", "bounding_box_test", "query", "gt_bbox"]),
     ("duke", DUKE_RE, ["bounding_box_train", "bounding_box_test", "query"]),
     ("msmt", MSMT_RE, ["train", "test"]),
+    ("occluded_duke", DUKE_RE, ["bounding_box_train", "bounding_box_test", "query"]),
 ])
 def test_real_layout_and_names(tmp_path, fmt, pattern, folders):
     out = tmp_path / fmt

@@ -42,16 +42,16 @@ def test_imagenet_file_loads_with_resized_position_embedding(tmp_path):
                                num_classes=1000)
     torch.save(ref.state_dict(), tmp_path / "vit.pth")
     model = tr.TransReID(5, 0, "vit_tiny_TransReID", (256, 128), (12, 12), jpm=True)
-    n = tr.load_imagenet_vit(model, tmp_path / "vit.pth")
+    n = tr.load_imagenet_vit(model, tr.read_imagenet_vit(tmp_path / "vit.pth"), tmp_path / "vit.pth")
     assert n == len(ref.state_dict()) - 2  # all but the classifier head
     assert model.base.pos_embed.shape == (1, 1 + 21 * 10, 64)
     assert torch.equal(model.base.blocks[3].attn.qkv.weight, ref.blocks[3].attn.qkv.weight)
     assert torch.equal(model.b1[0].mlp.fc2.weight, ref.blocks[3].mlp.fc2.weight)  # JPM copies loaded weights
     with pytest.raises(tr.ModelError, match="does not exist"):
-        tr.load_imagenet_vit(model, tmp_path / "missing.pth")
+        tr.read_imagenet_vit(tmp_path / "missing.pth")
     (tmp_path / "bad.pth").write_bytes(b"not a torch file")
-    with pytest.raises(tr.ModelError, match="cannot be read"):
-        tr.load_imagenet_vit(model, tmp_path / "bad.pth")
+    with pytest.raises(tr.ModelError, match="is corrupt"):
+        tr.read_imagenet_vit(tmp_path / "bad.pth")
 
 
 def test_position_embedding_resize_is_bilinear_on_the_grid_and_keeps_cls():
@@ -115,6 +115,19 @@ def test_config_override_syntax_and_one_line_errors(tmp_path):
     assert r.returncode == 2 and r.stderr.count("\n") == 1 and "MAX_EPOCHZ" in r.stderr, r.stderr
     r = run_script("-m transreid.test", "--config_file", TINY_CFG, "TEST.WEIGHT", tmp_path / "none.pth")
     assert r.returncode == 2 and "does not exist" in r.stderr and "Traceback" not in r.stderr
+
+
+def test_missing_imagenet_file_stops_before_work_and_leaves_the_folder_free(tmp_path, synthetic_occ_duke):
+    args = ["--config_file", TINY_CFG, "DATASETS.ROOT_DIR", tmp_path / "no_data", "OUTPUT_DIR", tmp_path / "run",
+            "MODEL.PRETRAIN_CHOICE", "imagenet", "MODEL.PRETRAIN_PATH", tmp_path / "vit.pth"]
+    r = run_script("-m transreid.train", *args)  # the data folder is missing too: the weights are read first
+    assert r.returncode == 2 and "MODEL.PRETRAIN_PATH" in r.stderr and "does not exist" in r.stderr, r.stderr
+    assert not (tmp_path / "run" / "config.yaml").exists()  # no run is recorded: a rerun needs no --overwrite
+    r = run_script("-m transreid.train", *args[:2], "DATASETS.ROOT_DIR", synthetic_occ_duke, "OUTPUT_DIR",
+                   tmp_path / "run", "SOLVER.MAX_EPOCHS", "1")
+    assert r.returncode == 0, r.stderr
+    assert (tmp_path / "run" / "config.yaml").is_file()
+    assert (tmp_path / "run" / "log.txt").read_text().count("epoch 1/1") == 1
 
 
 def test_cosine_schedule_equals_timm_scheduler():

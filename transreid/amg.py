@@ -86,9 +86,7 @@ def amg_macs(tokens: list[int], heads: list[int], dim: int, mlp_hidden: int, hea
 
 def model_amg_macs(model: TransReID) -> int:
     blocks = model.prunable_blocks
-    n = model.base.patch_embed.num_patches + 1
-    tokens = [n if b.keep is None else len(b.keep) for b in blocks]
-    return amg_macs(tokens, [b.attn.heads for b in blocks], model.base.cls_token.shape[-1],
+    return amg_macs(model.tokens_per_layer(), [b.attn.heads for b in blocks], model.base.cls_token.shape[-1],
                     blocks[0].mlp.fc1.out_features, blocks[0].attn.head_dim)
 
 

@@ -23,11 +23,12 @@ import cli
 import distributed
 import utils
 from dataset_layout import DatasetError
+from model import load_checkpoint
 from transreid import amg, processor
 from transreid.config import ConfigError, get_args_parser, load_config
 from transreid.datasets import make_test_loader, make_train_loader, read_dataset
 from transreid.loss import distillation_loss, make_loss
-from transreid.model import ModelError, checkpoint, model_from_checkpoint, read_reid_checkpoint, read_weights
+from transreid.model import ModelError, checkpoint, model_from_checkpoint, read_reid_checkpoint
 from transreid.solver import make_optimizer, set_epoch_lr
 
 
@@ -47,24 +48,22 @@ def schedule(cfg) -> list[tuple[str, int]]:
 
 def cost_line(model, input_size) -> str:
     """Per layer kept tokens and heads, AMG's GFLOPs (comparable with the paper) and measured MACs."""
-    blocks = model.prunable_blocks
-    n = model.base.patch_embed.num_patches + 1
-    tokens = [n if b.keep is None else len(b.keep) for b in blocks]
     measured = utils.count_macs(model, tuple(input_size))
-    return (f"tokens per layer (CLS included) {tokens}, heads per layer {[b.attn.heads for b in blocks]}; AMG GFLOPs "
+    return (f"tokens per layer (CLS included) {model.tokens_per_layer()}, heads per layer "
+            f"{[b.attn.heads for b in model.prunable_blocks]}; AMG GFLOPs "
             f"{amg.model_amg_macs(model) / 1e9:.4g} (prunable blocks, as the paper reports), whole model "
             f"{measured / 1e9:.4g} GMACs measured (explicit attention)")
 
 
-def prune(cfg, model, teacher_loss, loader, device, round_: int, counts: list[int]) -> None:
-    """One scoring epoch on `model`, then its AMG pruning step (in place)."""
+def prune(cfg, net, model, loss_fn, teacher_loss, loader, device, round_: int, counts: list[int]) -> None:
+    """One scoring epoch on `model` (`net`: the same, DDP-wrapped under torchrun), then its AMG pruning
+    step (in place)."""
     mode, n = cfg.FINETUNE.PRUNE_MODE, counts[round_]
     if mode in ("attn", "head_entropy"):
         scorer = amg.TokenScorer(model) if mode == "attn" else amg.HeadEntropyScorer(
             model, cfg.SOLVER.IMS_PER_BATCH // distributed.world_size())
-        net = processor.wrap(model, device)
-        processor.train_one_epoch(net, loader, torch.optim.SGD(model.parameters(), lr=0.0), make_loss(cfg), device,
-                                  round_ + 1, cfg.FINETUNE.ITER_NUM, teacher_loss, step=False, desc="scoring")
+        processor.train_one_epoch(net, loader, None, loss_fn, device, round_ + 1, cfg.FINETUNE.ITER_NUM,
+                                  teacher_loss, desc="scoring")
         scorer.detach()
     if mode == "attn":
         scores = [distributed.sum_tensor_over_ranks(s, device) for s in scorer.patch_scores()]
@@ -99,7 +98,8 @@ def main(args: argparse.Namespace) -> dict:
         raise ConfigError("FINETUNE.PRETRAIN_PATH is empty: name the trained TransReID checkpoint to prune")
     start_ckpt = read_reid_checkpoint(f.PRETRAIN_PATH, "FINETUNE.PRETRAIN_PATH")
     out = processor.prepare_run_folder(cfg, args.resume, args.overwrite)
-    resume = read_weights(out / "resume.pth", "resume file") if args.resume else None
+    resume = load_checkpoint(out / "resume.pth", "model", "a resume file of this package", "resume file") \
+        if args.resume else None
     device = processor.select_device(cfg)
     rank, world = distributed.rank(), distributed.world_size()
     utils.seed_everything(s.SEED + rank)
@@ -132,16 +132,18 @@ def main(args: argparse.Namespace) -> dict:
     if start == 0:
         processor.log(out, "start: " + cost_line(model, cfg.INPUT.SIZE_TEST))
     loss_fn = make_loss(cfg)
+    net = processor.wrap(model, device)
     for i in range(start, len(steps)):
         kind, value = steps[i]
         if kind == "prune":
-            prune(cfg, model, teacher_loss, loader, device, value, counts)
+            prune(cfg, net, model, loss_fn, teacher_loss, loader, device, value, counts)
+            net = processor.wrap(model, device)  # DDP again: the parameters changed shape
             optimizer = make_optimizer(cfg, model)  # a new optimiser for the pruned parameters
             processor.log(out, f"round {value + 1}/{f.ITER_NUM}: " + cost_line(model, cfg.INPUT.SIZE_TEST))
             record = {"step": i, "round": value + 1}
         else:
             lr = set_epoch_lr(optimizer, value, s.BASE_LR, epochs, s.WARMUP_EPOCHS)
-            stats = processor.train_one_epoch(processor.wrap(model, device), loader, optimizer, loss_fn, device,
+            stats = processor.train_one_epoch(net, loader, optimizer, loss_fn, device,
                                               value, epochs, teacher_loss, desc="fine-tune")
             processor.check_finite(model, f"fine-tuning epoch {value}")
             record = {"step": i, "epoch": value, "lr": lr, **stats}
@@ -153,6 +155,7 @@ def main(args: argparse.Namespace) -> dict:
         history.append(record)
         rng = distributed.all_gather_object(utils.rng_state())
         if distributed.is_main():
+            processor.save_config(cfg, out)
             ckpt = checkpoint(model, step=i, prune_mode=f.PRUNE_MODE, prune_rate=f.PRUNE_RATE)
             if record.get("mAP", -1.0) > best["mAP"]:
                 best = {"mAP": record["mAP"], "epoch": record["epoch"]}

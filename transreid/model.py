@@ -20,6 +20,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from model import ModelError, load_checkpoint  # noqa: F401  (ModelError re-exported: one error class for both)
+
 # name -> widths; the factories below only read these, nothing is mutated
 ARCH_WIDTHS = {
     "vit_base_patch16_224_TransReID": dict(dim=768, depth=12, heads=12, head_dim=64, mlp_ratio=4.0, qkv_bias=True,
@@ -30,10 +32,6 @@ ARCH_WIDTHS = {
     "vit_tiny_TransReID": dict(dim=64, depth=4, heads=4, head_dim=16, mlp_ratio=2.0, qkv_bias=True, scale=None),
 }
 PATCH = 16
-
-
-class ModelError(Exception):
-    """A checkpoint or weight file that does not fit; printed as one line."""
 
 
 class DropPath(nn.Module):
@@ -298,6 +296,11 @@ class TransReID(nn.Module):
     def heads_per_layer(self) -> list[int]:
         return [blk.attn.heads for blk in self.base.blocks]
 
+    def tokens_per_layer(self) -> list[int]:
+        """Tokens each prunable block processes (kept patches + CLS; AMG's 'channels')."""
+        n = self.base.patch_embed.num_patches + 1
+        return [n if blk.keep is None else len(blk.keep) for blk in self.prunable_blocks]
+
     def token_keep(self) -> list[list[int]] | None:
         """The kept token positions (CLS = 0 included) of each prunable block; None when none is pruned."""
         keeps = [blk.keep for blk in self.prunable_blocks]
@@ -331,27 +334,17 @@ def resize_pos_embed(pos_embed: torch.Tensor, grid: tuple[int, int]) -> torch.Te
     return torch.cat([cls, patches.permute(0, 2, 3, 1).reshape(1, grid[0] * grid[1], -1)], dim=1)
 
 
-def read_weights(path: str | Path, what: str) -> dict:
-    """A weights_only torch file as a dict, with one-line errors for a missing or unreadable file."""
-    path = Path(path)
-    if not path.is_file():
-        raise ModelError(f"{what} {path} does not exist (nothing is downloaded: put the file there)")
-    try:
-        obj = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:  # truncated, not a torch file, or pickled objects
-        raise ModelError(f"{what} {path} cannot be read as a weights-only torch file: "
-                         f"{' '.join(str(e).split())[:200]}") from None
-    if not isinstance(obj, dict):
-        raise ModelError(f"{what} {path} does not hold a state dict")
-    return obj
+def read_imagenet_vit(path: str | Path) -> dict:
+    """The state dict of an ImageNet ViT file (timm key names, e.g. jx_vit_base_p16_224-80ecf9dd.pth)."""
+    state = load_checkpoint(path, None, "a state dict",
+                            "MODEL.PRETRAIN_PATH (an ImageNet ViT file; nothing is downloaded)")
+    return state.get("model", state.get("state_dict", state))
 
 
-def load_imagenet_vit(model: TransReID, path: str | Path) -> int:
-    """ImageNet ViT weights (timm key names, e.g. jx_vit_base_p16_224-80ecf9dd.pth) into the backbone;
-    the position embedding resized to this stride grid; the classifier head skipped. Returns the number of
-    tensors loaded. Rebuilds the JPM branches from the loaded last block."""
-    state = read_weights(path, "MODEL.PRETRAIN_PATH")
-    state = state.get("model", state.get("state_dict", state))
+def load_imagenet_vit(model: TransReID, state: dict, path: str | Path) -> int:
+    """read_imagenet_vit's weights into the backbone; the position embedding resized to this stride grid;
+    the classifier head skipped. Returns the number of tensors loaded. Rebuilds the JPM branches from the
+    loaded last block."""
     own = model.base.state_dict()
     loaded = {}
     for key, value in state.items():
@@ -385,12 +378,10 @@ def make_model(cfg, num_classes: int, camera_num: int, heads: list[int] | None =
 def checkpoint(model: TransReID, **extra) -> dict:
     """Everything needed to rebuild the (possibly pruned) model: tensors and plain values only.
     channels = kept tokens + 1 per prunable layer (AMG's name), heads = heads per backbone block."""
-    tokens = model.token_keep()
-    n = model.base.patch_embed.num_patches + 1
     return {"state_dict": {k: v.detach().cpu() for k, v in model.state_dict().items()},
             "arch": model.arch, "num_classes": model.num_classes, "camera_num": model.camera_num,
-            "heads": model.heads_per_layer(), "tokens": tokens,
-            "channels": [len(k) for k in tokens] if tokens else [n] * len(model.prunable_blocks), **extra}
+            "heads": model.heads_per_layer(), "tokens": model.token_keep(), "channels": model.tokens_per_layer(),
+            **extra}
 
 
 # TransReID's own head names -> ours, so its released checkpoints load too
@@ -401,7 +392,7 @@ _REFERENCE_KEYS = [("bottleneck.", "bottlenecks.0."), ("classifier.", "classifie
 def read_reid_checkpoint(path: str | Path, what: str = "checkpoint") -> dict:
     """A TransReID checkpoint of this package, or a bare state dict as TransReID saves it, as
     {state_dict, heads, tokens, num_classes, camera_num}."""
-    ckpt = read_weights(path, what)
+    ckpt = load_checkpoint(path, None, "a state dict", what)
     if "state_dict" not in ckpt:
         ckpt = {"state_dict": ckpt}
     state = {}

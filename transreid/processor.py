@@ -47,7 +47,8 @@ def flat_config(cfg, prefix: str = "") -> dict:
 
 def prepare_run_folder(cfg, resume: bool, overwrite: bool) -> Path:
     """OUTPUT_DIR, refusing to write over another run unless --overwrite, and checking that --resume
-    continues the same configuration. Writes config.yaml."""
+    continues the same configuration. A new run starts a fresh log.txt; its config.yaml is written with its
+    first checkpoint (`save_config`), so a run that fails before that leaves the folder free for a rerun."""
     out = Path(cfg.OUTPUT_DIR)
     if not distributed.is_main_process():  # under torchrun rank 0 checks and writes
         return out
@@ -64,8 +65,14 @@ def prepare_run_folder(cfg, resume: bool, overwrite: bool) -> Path:
         raise RunError(f"{out} already holds a run: pass --resume to continue it, --overwrite to replace it, "
                        "or set another OUTPUT_DIR")
     out.mkdir(parents=True, exist_ok=True)
-    utils.write_text_atomic(cfg.dump(), saved_file)
+    if not resume:
+        (out / "log.txt").write_text("")
     return out
+
+
+def save_config(cfg, out: Path) -> None:
+    """OUTPUT_DIR/config.yaml: marks the folder as holding a run and is what --resume compares against."""
+    utils.write_text_atomic(cfg.dump(), out / "config.yaml")
 
 
 def check_checkpoint_fits(ckpt: dict, splits, path, what: str, classes: bool) -> None:
@@ -95,10 +102,11 @@ def wrap(model: nn.Module, device: torch.device) -> nn.Module:
                                                find_unused_parameters=False)
 
 
-def train_one_epoch(model: nn.Module, loader, optimizer, loss_fn: Callable, device: torch.device, epoch: int,
-                    epochs: int, extra_loss: Callable | None = None, step: bool = True, desc: str = "epoch") -> dict:
+def train_one_epoch(model: nn.Module, loader, optimizer: torch.optim.Optimizer | None, loss_fn: Callable,
+                    device: torch.device, epoch: int, epochs: int, extra_loss: Callable | None = None,
+                    desc: str = "epoch") -> dict:
     """One pass over `loader`: forward, loss (+ extra_loss(imgs, cams, logits)), backward, and an optimiser
-    step unless step=False (AMG's scoring epochs, whose hooks read the attention gradients)."""
+    step; optimizer None for AMG's scoring epochs (backward only: their hooks read the attention gradients)."""
     model.train()
     loader.sampler.set_epoch(epoch)
     scaler = torch.amp.GradScaler("cuda") if device.type == "cuda" else None
@@ -107,7 +115,7 @@ def train_one_epoch(model: nn.Module, loader, optimizer, loss_fn: Callable, devi
                disable=None if distributed.is_main() else True)
     for imgs, pids, cams in bar:
         imgs, pids, cams = imgs.to(device), pids.to(device), cams.to(device)
-        optimizer.zero_grad(set_to_none=True)
+        model.zero_grad(set_to_none=True)
         with torch.autocast(device.type, enabled=scaler is not None):
             logits, feats = model(imgs, cams)
             loss = loss_fn(logits, feats, pids)
@@ -118,7 +126,7 @@ def train_one_epoch(model: nn.Module, loader, optimizer, loss_fn: Callable, devi
             raise RunError(f"the loss is {value} at {desc} {epoch}, step {batches + 1}/{len(loader)}: training "
                            "diverged (try a lower SOLVER.BASE_LR); this epoch was not saved")
         (scaler.scale(loss) if scaler is not None else loss).backward()
-        if step:
+        if optimizer is not None:
             if scaler is not None:
                 scaler.step(optimizer)
                 scaler.update()

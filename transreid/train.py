@@ -14,34 +14,47 @@ import cli
 import distributed
 import utils
 from dataset_layout import DatasetError
+from model import load_checkpoint
 from transreid import processor
 from transreid.config import ConfigError, get_args_parser, load_config
 from transreid.datasets import make_test_loader, make_train_loader, read_dataset
 from transreid.loss import make_loss
 from transreid.model import (ModelError, checkpoint, load_imagenet_vit, load_reid_weights, make_model,
-                             read_reid_checkpoint, read_weights)
+                             read_imagenet_vit, read_reid_checkpoint)
 from transreid.solver import make_optimizer, set_epoch_lr
 
 
-def build_model(cfg, num_classes: int, camera_num: int, log_to) -> torch.nn.Module:
+def read_start_weights(cfg) -> dict | None:
+    """MODEL.PRETRAIN_PATH as MODEL.PRETRAIN_CHOICE says (read before any other work: a wrong file stops
+    the run at once)."""
+    choice, path = cfg.MODEL.PRETRAIN_CHOICE, cfg.MODEL.PRETRAIN_PATH
+    if choice != "none" and not path:
+        raise ConfigError("MODEL.PRETRAIN_PATH is empty: give the ImageNet ViT file (nothing is downloaded), "
+                          "or set MODEL.PRETRAIN_CHOICE 'none' to train from random weights")
+    if choice == "imagenet":
+        return read_imagenet_vit(path)
+    return read_reid_checkpoint(path, "MODEL.PRETRAIN_PATH") if choice == "self" else None
+
+
+def build_model(cfg, num_classes: int, camera_num: int, start: dict | None, log_to) -> torch.nn.Module:
+    """The configured model with read_start_weights' weights (None on --resume, which loads its own)."""
     model = make_model(cfg, num_classes, camera_num)
     choice, path = cfg.MODEL.PRETRAIN_CHOICE, cfg.MODEL.PRETRAIN_PATH
-    if choice == "imagenet":
-        if not path:
-            raise ConfigError("MODEL.PRETRAIN_PATH is empty: give the ImageNet ViT file (nothing is downloaded), "
-                              "or set MODEL.PRETRAIN_CHOICE 'none' to train from random weights")
-        processor.log(log_to, f"loaded {load_imagenet_vit(model, path)} ImageNet tensors from {path}")
-    elif choice == "self":
-        load_reid_weights(model, read_reid_checkpoint(path, "MODEL.PRETRAIN_PATH"), path)
-    else:
+    if choice == "none":
         processor.log(log_to, "note: MODEL.PRETRAIN_CHOICE 'none': training from random weights")
+    elif start is not None and choice == "imagenet":
+        processor.log(log_to, f"loaded {load_imagenet_vit(model, start, path)} ImageNet tensors from {path}")
+    elif start is not None:
+        load_reid_weights(model, start, path)
     return model
 
 
 def main(args: argparse.Namespace) -> dict:
     cfg = load_config(args.config_file, args.opts)
     out = processor.prepare_run_folder(cfg, args.resume, args.overwrite)
-    resume = read_weights(out / "resume.pth", "resume file") if args.resume else None
+    resume = load_checkpoint(out / "resume.pth", "model", "a resume file of this package", "resume file") \
+        if args.resume else None
+    start_weights = None if resume else read_start_weights(cfg)
     device = processor.select_device(cfg)
     rank, world = distributed.rank(), distributed.world_size()
     utils.seed_everything(cfg.SOLVER.SEED + rank)
@@ -49,7 +62,7 @@ def main(args: argparse.Namespace) -> dict:
     train_loader = make_train_loader(cfg, splits, rank, world)
     test_loader = make_test_loader(cfg, splits, rank, world)
     torch.manual_seed(cfg.SOLVER.SEED)  # the same initial model on every rank
-    model = build_model(cfg, splits.num_classes, splits.camera_num, out).to(device)
+    model = build_model(cfg, splits.num_classes, splits.camera_num, start_weights, out).to(device)
     optimizer = make_optimizer(cfg, model)
     start, history = 1, []
     if resume is not None:
@@ -77,6 +90,7 @@ def main(args: argparse.Namespace) -> dict:
         processor.log(out, line + (f"  {processor.format_metrics(record)}" if "mAP" in record else ""))
         rng = distributed.all_gather_object(utils.rng_state())
         if distributed.is_main():
+            processor.save_config(cfg, out)
             ckpt = checkpoint(model, epoch=epoch)
             if epoch % s.CHECKPOINT_PERIOD == 0 or epoch == s.MAX_EPOCHS:
                 utils.save_atomic(ckpt, out / f"transformer_{epoch}.pth")
