@@ -9,7 +9,7 @@ from PIL import Image
 from torch.utils.data import DataLoader, Dataset, Sampler
 from torchvision import transforms
 
-from dataset_layout import DatasetError, parse_name
+from dataset_layout import DatasetError, is_image, parse_name
 
 IMAGENET_MEAN, IMAGENET_STD = [0.485, 0.456, 0.406], [0.229, 0.224, 0.225]
 NUM_POSITIVES = 4
@@ -36,9 +36,9 @@ def scan_image_folder(root: str | os.PathLike) -> tuple[list[str], list[tuple[Pa
     root = Path(root)
     if not root.is_dir():
         raise DatasetError(f"dataset folder {root} does not exist (run prepare_market.py / prepare_duke.py / "
-                           "prepare_msmt.py first, and point --data_dir at the pytorch/ folder)")
+                           "prepare_msmt.py / prepare_cuhk01.py first, and point --data_dir at the pytorch/ folder)")
     classes = sorted(d.name for d in root.iterdir() if d.is_dir())
-    samples = [(p, i) for i, c in enumerate(classes) for p in sorted((root / c).iterdir()) if p.suffix == ".jpg"]
+    samples = [(p, i) for i, c in enumerate(classes) for p in sorted((root / c).iterdir()) if is_image(p)]
     if not samples:
         raise DatasetError(f"dataset folder {root} holds no images")
     return classes, samples
@@ -73,6 +73,12 @@ def scan_sources(roots: list[str | os.PathLike]) -> tuple[list[str], list[tuple[
         classes += [prefix + name for name in names]
         summary.append({"source": str(root), "ids": len(names), "images": len(found)})
     return classes, samples, summary
+
+
+def describe_sources(sources: list[dict]) -> str:
+    """'Market 751 + DukeMTMC-reID 702 + CUHK01 971 = 2424 classes' for a merged training set."""
+    parts = " + ".join(f"{dataset_name(s['source'])} {s['ids']}" for s in sources)
+    return f"{parts} = {sum(s['ids'] for s in sources)} classes"
 
 
 def load_rgb(path: Path) -> Image.Image:

@@ -13,15 +13,24 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterable
 
+# the suffixes real re-ID releases use (Market/Duke/MSMT .jpg, CUHK01/CUHK03/PRID .png, VIPeR .bmp)
+IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp")
+_IMAGE = r"\.(?:jpg|jpeg|png|bmp|JPG|JPEG|PNG|BMP)$"
 # id, camera. Market: 0002_c1s1_000451_03.jpg (-1 = junk, 0000 = distractor)
-MARKET_RE = re.compile(r"^(-1|\d+)_c(\d)s\d+_\d+_\d+\.jpg$")
+MARKET_RE = re.compile(r"^(-1|\d+)_c(\d)s\d+_\d+_\d+" + _IMAGE)
 # Duke: 0005_c2_f0046985.jpg
-DUKE_RE = re.compile(r"^(-1|\d+)_c(\d+)_f\d+\.jpg$")
+DUKE_RE = re.compile(r"^(-1|\d+)_c(\d+)_f\d+" + _IMAGE)
 # MSMT17_V1: 0000_000_01_0303morning_0015_0.jpg; camera = the full third field (01..15)
-MSMT_RE = re.compile(r"^(\d+)_\d+_(\d{2})_[^_]+_\d+_\d+\.jpg$")
+MSMT_RE = re.compile(r"^(\d+)_\d+_(\d{2})_[^_]+_\d+_\d+" + _IMAGE)
+# CUHK01: 0001001.png = identity 0001, image 001; images 001-002 are camera 1, 003-004 camera 2
+CUHK01_RE = re.compile(r"^(\d{4})(00[1-4])" + _IMAGE)
 
-NAME_PATTERNS = {"market": MARKET_RE, "duke": DUKE_RE, "msmt": MSMT_RE}
+NAME_PATTERNS = {"market": MARKET_RE, "duke": DUKE_RE, "msmt": MSMT_RE, "cuhk01": CUHK01_RE}
 SPLITS = ("train", "val", "train_all", "query", "gallery")
+
+
+def is_image(path: Path) -> bool:
+    return path.suffix.lower() in IMAGE_SUFFIXES
 
 
 class DatasetError(Exception):
@@ -38,15 +47,18 @@ def parse_name(filename: str, fmt: str | None = None) -> tuple[int, int]:
     patterns = [NAME_PATTERNS[fmt]] if fmt else NAME_PATTERNS.values()
     for pattern in patterns:
         m = pattern.match(name)
+        if m and pattern is CUHK01_RE:
+            return int(m.group(1)), 1 if int(m.group(2)) <= 2 else 2
         if m:
             return int(m.group(1)), int(m.group(2))
     raise DatasetError(f"malformed re-ID image name {name!r} (expected e.g. 0002_c1s1_000451_03.jpg, "
-                       "0005_c2_f0046985.jpg or 0000_000_01_0303morning_0015_0.jpg)")
+                       "0005_c2_f0046985.jpg, 0000_000_01_0303morning_0015_0.jpg or 0001001.png)")
 
 
 def id_folder(filename: str) -> str:
     """The identity folder name used under pytorch/: the id field as written ('0002', '-1', '0000')."""
-    return os.path.basename(filename).split("_", 1)[0]
+    name = os.path.basename(filename)
+    return name[:4] if CUHK01_RE.match(name) else name.split("_", 1)[0]
 
 
 @dataclass
@@ -94,10 +106,10 @@ def place(src: Path, dst: Path, copy: bool, report: PrepareReport) -> None:
 
 
 def jpgs(folder: Path) -> list[Path]:
-    """The .jpg files of a folder in sorted name order (Market ships Thumbs.db files: ignored)."""
+    """The image files of a folder in sorted name order (Market ships Thumbs.db files: ignored)."""
     if not folder.is_dir():
         raise DatasetError(f"missing folder {folder}")
-    return sorted(p for p in folder.iterdir() if p.suffix == ".jpg")
+    return sorted(p for p in folder.iterdir() if is_image(p))
 
 
 def build_split(files: Iterable[tuple[Path, str]], split: str, out_dir: Path, copy: bool,
@@ -126,7 +138,7 @@ def build_splits(plan: dict[str, list[tuple[Path, str]]], out_dir: Path, copy: b
 
 def remove_stale(folder: Path, keep: set[Path], report: PrepareReport) -> None:
     """Delete images under folder that the raw dataset no longer has (training would use them)."""
-    for f in sorted(folder.rglob("*.jpg")):
+    for f in sorted(p for p in folder.rglob("*") if is_image(p)):
         if f not in keep:
             f.unlink()
             report.removed += 1
@@ -215,8 +227,33 @@ def prepare_msmt(root: Path, copy: bool = False) -> tuple[PrepareReport, Path]:
     return report, out
 
 
+def prepare_cuhk01(root: Path, copy: bool = False) -> tuple[PrepareReport, Path]:
+    """CUHK01 raw layout (campus/PPPPNNN.png) -> root/pytorch/.
+
+    train_all: every identity (all 971 on the real set; what merged training uses). Evaluation split,
+    fixed by the sorted identity order: the first half (485 of 971) are training ids -> train (all but
+    each id's first image) and val (that first image); the others are test ids, camera 1 -> query,
+    camera 2 -> gallery."""
+    root = Path(root)
+    if not root.is_dir():
+        raise DatasetError(f"dataset folder {root} does not exist")
+    files = checked(jpgs(root / "campus"), "cuhk01")
+    ids = sorted({id_folder(f.name) for f in files})
+    train_ids = set(ids[:len(ids) // 2])  # 485 of 971
+    train, val = first_image_val_split([f for f in files if id_folder(f.name) in train_ids])
+    test = [f for f in files if id_folder(f.name) not in train_ids]
+    with_ids = lambda fs: [(f, id_folder(f.name)) for f in fs]  # noqa: E731
+    plan = {"train": with_ids(train), "val": with_ids(val), "train_all": with_ids(files),
+            "query": with_ids([f for f in test if parse_name(f.name, "cuhk01")[1] == 1]),
+            "gallery": with_ids([f for f in test if parse_name(f.name, "cuhk01")[1] == 2])}
+    out = root / "pytorch"
+    report = PrepareReport()
+    build_splits(plan, out, copy, report)
+    return report, out
+
+
 def prepare_main(fmt: str, default_dir: str, description: str) -> None:
-    """Shared command line of prepare_market.py / prepare_duke.py / prepare_msmt.py."""
+    """Shared command line of prepare_market.py / prepare_duke.py / prepare_msmt.py / prepare_cuhk01.py."""
     from cli import ArgumentParser, run_main
 
     parser = ArgumentParser(description=description)
@@ -230,6 +267,8 @@ def prepare_main(fmt: str, default_dir: str, description: str) -> None:
     def main(args) -> None:
         if fmt == "msmt":
             report, out = prepare_msmt(Path(args.data_dir), args.copy)
+        elif fmt == "cuhk01":
+            report, out = prepare_cuhk01(Path(args.data_dir), args.copy)
         else:
             report, out = prepare_market_like(Path(args.data_dir), fmt, args.copy)
         print(report.summary(out))

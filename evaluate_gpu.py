@@ -3,6 +3,8 @@
     python evaluate_gpu.py                        # ./pytorch_result.mat, reference protocol
     python evaluate_gpu.py --protocol standard    # also mINP; queries without a match are skipped
     python evaluate_gpu.py --gpu_ids 0            # score products on a GPU (imports torch)
+    python evaluate_gpu.py --rerank               # k-reciprocal re-ranking (k1 20, k2 6, lambda 0.3)
+    python evaluate_gpu.py --show_ranks ranks.png --worst   # picture of the 8 worst queries' top 10
 
 Ranking: gallery sorted by descending score = gallery . query (float32); equal scores are ordered with
 the larger gallery index first (the reverse of a stable ascending sort, as the reference's argsort
@@ -21,241 +23,18 @@ import json
 import os
 import sys
 from pathlib import Path
-from typing import Callable
+from typing import TYPE_CHECKING
 
 import numpy as np
 
 import cli
+from toolkit.ranking import (CHUNK_ELEMENTS, INT64_MAX, RESULT_KEYS, EvaluationError, GalleryIndex,  # noqa: F401
+                             average_precision, check_inputs, evaluate, evaluate_protocols, format_result,
+                             good_match_ranks, multi_query_features, ordered_keys, query_results, score_function,
+                             summarize)
 
-INT64_MAX = np.iinfo(np.int64).max
-CHUNK_ELEMENTS = 1 << 25  # query x gallery scores per chunk (128 MB of float32; big chunks keep the GEMM efficient)
-RESULT_KEYS = ("gallery_f", "gallery_label", "gallery_cam", "query_f", "query_label", "query_cam")
-
-
-class EvaluationError(Exception):
-    """A user-facing problem with the result files; printed as one line."""
-
-
-def ordered_keys(scores: np.ndarray, index: np.ndarray, n_gallery: int) -> np.ndarray:
-    """Non-negative int64 keys ordered as (score, gallery index): unique, so comparisons are exact.
-
-    Keys lie in [0, 2**32 * n_gallery).
-    """
-    bits = (np.asarray(scores, np.float32) + np.float32(0.0)).view(np.int32)  # + 0.0 maps -0.0 to +0.0
-    monotone = np.where(bits < 0, bits ^ np.int32(0x7FFFFFFF), bits).astype(np.int64) + 2 ** 31
-    return monotone * n_gallery + index
-
-
-class GalleryIndex:
-    """The gallery without its junk (-1) images, grouped by id so that each query finds its own id's
-    images without scanning the gallery. Filtering keeps the gallery order, hence the tie rule."""
-
-    def __init__(self, gf: np.ndarray, gl: np.ndarray, gc: np.ndarray):
-        keep = gl != -1
-        self.f, self.label, self.cam = gf[keep], gl[keep], gc[keep]
-        self.order = np.argsort(self.label, kind="stable")
-        self.ids, self.counts = np.unique(self.label[self.order], return_counts=True)
-        self.starts = self.counts.cumsum() - self.counts
-        self.width = int(self.counts.max()) if len(self.counts) else 0
-
-    def same_id(self, ql: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        """(gallery positions, valid) of each query's id, padded to the largest of these queries' ids:
-        (queries, width). Padding to these ids only matters: distractors (id 0) are often the largest."""
-        pos = np.searchsorted(self.ids, ql).clip(max=len(self.ids) - 1)
-        count = np.where(self.ids[pos] == ql, self.counts[pos], 0)
-        col = np.arange(max(int(count.max()), 1))
-        valid = col[None, :] < count[:, None]
-        slot = (self.starts[pos][:, None] + col[None, :]).clip(max=len(self.order) - 1)
-        return self.order[slot], valid
-
-
-def good_match_ranks(scores: np.ndarray, same_idx: np.ndarray, good: np.ndarray,
-                     own_id: Callable[[np.ndarray, np.ndarray], np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
-    """0-based ranks (among non-junk gallery items) of each query's good matches, best first.
-
-    scores: (queries, gallery) without junk -1 items; same_idx: each query's own-id gallery positions
-    (padded), good: which of them are good matches; own_id(rows, cols): True where gallery item `cols`
-    has the id of query `rows` (good or junk: never counted as an other item). Only gallery items
-    scoring at least the query's worst good match can rank above a good match, so only those are looked at.
-    Returns (ranks, valid), both (queries, width).
-    """
-    n_q, n_g = scores.shape
-    width = same_idx.shape[1]
-    same_scores = np.take_along_axis(scores, same_idx, 1)
-    good_keys = np.sort(np.where(good, ordered_keys(same_scores, same_idx, n_g), INT64_MAX), axis=1)
-    n_good = good.sum(1)
-    worst = np.where(good, same_scores, np.float32(np.inf)).min(1)
-    flat_index = np.flatnonzero(scores >= worst[:, None])
-    rows, cols = np.divmod(flat_index, n_g)
-    other = ~own_id(rows, cols)
-    rows, cols, flat_index = rows[other], cols[other], flat_index[other]
-    keys = ordered_keys(scores.reshape(-1)[flat_index], cols, n_g)
-    # per item: how many good matches of its own query it beats, found by one flat searchsorted on
-    # (row, key) pairs packed into int64 (row * span + key; span * queries < 2**63 for our chunk sizes)
-    span = 2 ** 32 * n_g
-    row_ids = np.arange(n_q, dtype=np.int64)[:, None]
-    flat = np.where(good_keys == INT64_MAX, INT64_MAX, row_ids * span + good_keys).reshape(-1)
-    flat = flat[flat != INT64_MAX]  # rows ascending, keys ascending within a row: sorted
-    offset = n_good.cumsum() - n_good
-    beaten = np.searchsorted(flat, rows * span + keys) - offset[rows]
-    hist = np.bincount(rows * (width + 1) + beaten, minlength=n_q * (width + 1)).reshape(n_q, width + 1)
-    above = hist[:, ::-1].cumsum(1)[:, ::-1]  # above[:, p] = items beating at least p good matches
-    i = np.arange(width)
-    p = (n_good[:, None] - 1 - i).clip(min=0)  # ascending position of the i-th best good match
-    valid = i[None, :] < n_good[:, None]
-    ranks = np.take_along_axis(above, (p + 1).clip(max=width), 1) + i
-    return np.where(valid, ranks, 0), valid
-
-
-def average_precision(ranks: np.ndarray, valid: np.ndarray, protocol: str) -> np.ndarray:
-    """AP per query (0 for a query with no good match)."""
-    r = ranks.astype(np.float64)
-    n_good = valid.sum(1, keepdims=True).clip(min=1).astype(np.float64)
-    i = np.arange(ranks.shape[1], dtype=np.float64)[None, :]
-    precision = (i + 1) / (r + 1)
-    if protocol == "reference":  # trapezoid: mean of the precision before and at each hit
-        old = np.where(r == 0, 1.0, i / r.clip(min=1))
-        precision = (old + precision) / 2
-    return (precision * valid / n_good).sum(1)
-
-
-def _as_features(x, what: str) -> np.ndarray:
-    f = np.asarray(x, dtype=np.float32)
-    if f.ndim != 2:
-        raise EvaluationError(f"{what} features must be a (images, dims) matrix, got shape {f.shape}")
-    if not np.isfinite(f).all():
-        bad = int((~np.isfinite(f).all(1)).sum())
-        raise EvaluationError(f"{what} features of {bad} image(s) are NaN or infinite "
-                              "(did training diverge?); refusing to score them")
-    return f
-
-
-def _as_ids(x, n: int, what: str) -> np.ndarray:
-    a = np.asarray(x).reshape(-1)
-    if len(a) != n:
-        raise EvaluationError(f"{what} has {len(a)} entries for {n} feature rows")
-    if a.size and not np.issubdtype(a.dtype, np.integer):
-        if not np.issubdtype(a.dtype, np.number) or not np.all(np.isfinite(a)) or not np.all(a == np.round(a)):
-            raise EvaluationError(f"{what} must hold integers")
-    return a.astype(np.int64)
-
-
-def check_inputs(query_f, query_label, query_cam, gallery_f, gallery_label, gallery_cam) -> tuple[np.ndarray, ...]:
-    """The six arrays as NumPy, after the checks that keep a broken result file from being scored."""
-    qf, gf = _as_features(query_f, "query"), _as_features(gallery_f, "gallery")
-    if len(qf) == 0:
-        raise EvaluationError("the query set is empty")
-    if len(gf) == 0:
-        raise EvaluationError("the gallery is empty")
-    if qf.shape[1] != gf.shape[1]:
-        raise EvaluationError(f"query features have {qf.shape[1]} dims, gallery features {gf.shape[1]}")
-    ql, qc = _as_ids(query_label, len(qf), "query_label"), _as_ids(query_cam, len(qf), "query_cam")
-    gl, gc = _as_ids(gallery_label, len(gf), "gallery_label"), _as_ids(gallery_cam, len(gf), "gallery_cam")
-    return qf, ql, qc, gf, gl, gc
-
-
-def score_function(qf: np.ndarray, gf: np.ndarray, device: str) -> Callable[[int, int], np.ndarray]:
-    """scores(s, e) = query rows s..e . gallery, float32, as a NumPy array; on CUDA the product runs on
-    the GPU (torch is imported only then)."""
-    if device == "cpu":
-        return lambda s, e: qf[s:e] @ gf.T  # BLAS reads the transpose in place
-    try:
-        import torch
-    except ImportError:
-        raise EvaluationError(f"--device {device} needs torch, which is not installed") from None
-    if not torch.cuda.is_available():
-        raise EvaluationError(f"--device {device}: CUDA is not available on this machine")
-    try:
-        qf_d, gf_d = torch.from_numpy(qf).to(device), torch.from_numpy(gf).to(device)
-    except (RuntimeError, AssertionError) as e:
-        raise EvaluationError(f"--device {device}: {str(e).splitlines()[0]}") from None
-    return lambda s, e: (qf_d[s:e] @ gf_d.T).cpu().numpy()
-
-
-def evaluate_protocols(query_f, query_label, query_cam, gallery_f, gallery_label, gallery_cam,
-                       device: str | None = None, chunk_elements: int = CHUNK_ELEMENTS) -> dict[str, dict]:
-    """{"reference": metrics, "standard": metrics} from one ranking pass (see `evaluate`)."""
-    qf, ql, qc, gf, gl, gc = check_inputs(query_f, query_label, query_cam, gallery_f, gallery_label, gallery_cam)
-    n_query = len(qf)
-    gallery = GalleryIndex(gf, gl, gc)
-    scores_of = score_function(qf, gallery.f, str(device or "cpu"))
-    chunk = max(1, chunk_elements // max(len(gallery.f), 1))
-    first_hit, inp, has_match = [], [], []
-    ap = {"reference": [], "standard": []}
-    for s in range(0, n_query, chunk):
-        e = min(s + chunk, n_query)
-        if gallery.width == 0:  # every gallery image is junk: no query has a match
-            ranks, valid = np.zeros((e - s, 1), np.int64), np.zeros((e - s, 1), bool)
-        else:
-            same_idx, same_valid = gallery.same_id(ql[s:e])
-            good = same_valid & (gallery.cam[same_idx] != qc[s:e, None])
-            chunk_labels = ql[s:e]
-            ranks, valid = good_match_ranks(scores_of(s, e), same_idx, good,
-                                            lambda r, c: gallery.label[c] == chunk_labels[r])
-        n_good = valid.sum(1)
-        has_match.append(n_good > 0)
-        first_hit.append(np.where(n_good > 0, ranks[:, 0], INT64_MAX))
-        for protocol, aps in ap.items():
-            aps.append(average_precision(ranks, valid, protocol))
-        last = np.take_along_axis(ranks, (n_good - 1).clip(min=0)[:, None], 1)[:, 0]
-        inp.append(np.where(n_good > 0, n_good / (last + 1.0), 0.0))
-    first_hit, inp, has_match = (np.concatenate(x) for x in (first_hit, inp, has_match))
-    n_valid = int(has_match.sum())
-    results = {}
-    for protocol, aps in ap.items():
-        denominator = n_query if protocol == "reference" else max(n_valid, 1)
-        # CMC as the reference computes it: integer counts divided in float32
-        cmc = {n: float(np.float32((first_hit < n).sum()) / np.float32(denominator)) for n in (1, 5, 10)}
-        results[protocol] = {"rank1": cmc[1], "rank5": cmc[5], "rank10": cmc[10],
-                             "mAP": float(np.concatenate(aps).sum()) / denominator,
-                             "num_query": n_query, "num_valid": n_valid}
-    results["standard"]["mINP"] = float(inp.sum()) / max(n_valid, 1)
-    return results
-
-
-def evaluate(query_f, query_label, query_cam, gallery_f, gallery_label, gallery_cam,
-             protocol: str = "reference", device: str | None = None,
-             chunk_elements: int = CHUNK_ELEMENTS) -> dict:
-    """Rank-1/5/10, mAP (and mINP for the standard protocol) of features against a gallery.
-
-    reference: CMC and mAP are divided by the number of ALL queries (no-match queries add 0).
-    standard:  AP = mean precision at each hit, mINP, averages over queries with a good match.
-    Inputs: arrays (or CPU tensors); device: "cpu" (default) or a CUDA device for the score products.
-    """
-    if protocol not in ("reference", "standard"):
-        raise EvaluationError(f"unknown protocol {protocol!r}")
-    return evaluate_protocols(query_f, query_label, query_cam, gallery_f, gallery_label, gallery_cam,
-                              device, chunk_elements)[protocol]
-
-
-def format_result(result: dict, protocol: str = "reference") -> str:
-    line = "Rank@1_%f_Rank@5_%f_Rank@10_%f_mAP_%f" % (result["rank1"], result["rank5"], result["rank10"],
-                                                      result["mAP"])
-    return line + ("_mINP_%f" % result["mINP"] if protocol == "standard" else "")
-
-
-def multi_query_features(query_label, query_cam, mquery_f, mquery_label, mquery_cam, query_f) -> np.ndarray:
-    """Each query's feature replaced by the mean of the multi-query images of its id and camera.
-
-    A query whose (id, camera) has no multi-query image keeps its own feature.
-    """
-    own = _as_features(query_f, "query")
-    mf = _as_features(mquery_f, "multi-query")
-    ql, qc = _as_ids(query_label, len(own), "query_label"), _as_ids(query_cam, len(own), "query_cam")
-    ml, mc = _as_ids(mquery_label, len(mf), "mquery_label"), _as_ids(mquery_cam, len(mf), "mquery_cam")
-    if len(mf) and mf.shape[1] != own.shape[1]:
-        raise EvaluationError(f"multi-query features have {mf.shape[1]} dims, query features {own.shape[1]}")
-    groups, inverse = np.unique(ml * 1000 + mc, return_inverse=True)
-    if len(groups) == 0:
-        return own
-    sums = np.zeros((len(groups), mf.shape[1]), np.float32)
-    np.add.at(sums, inverse, mf)
-    means = sums / np.bincount(inverse, minlength=len(groups))[:, None].astype(np.float32)
-    qkey = ql * 1000 + qc
-    pos = np.searchsorted(groups, qkey).clip(max=len(groups) - 1)
-    found = groups[pos] == qkey
-    return np.where(found[:, None], means[pos], own)
-
+if TYPE_CHECKING:
+    from toolkit.rerank import KReciprocal
 
 def load_mat(path: str | os.PathLike, keys) -> dict:
     import scipy.io
@@ -286,7 +65,54 @@ def get_args_parser() -> argparse.ArgumentParser:
                         "which for one evaluation is usually faster than starting CUDA")
     p.add_argument("--device", default=None, help="cpu or cuda[:N] (the same choice as --gpu_ids; default cpu)")
     p.add_argument("--json", default=None, help="also write the metrics (both protocols) to this JSON file")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing --json or --show_ranks file")
+    r = p.add_argument_group("k-reciprocal re-ranking (Zhong et al., CVPR 2017; layumi's variant)")
+    r.add_argument("--rerank", action="store_true", help="rank by the re-ranked distances")
+    r.add_argument("--k1", type=cli.positive_int, default=None, help="size of the k-reciprocal neighbourhood (20)")
+    r.add_argument("--k2", type=cli.positive_int, default=None,
+                   help="neighbours averaged in query expansion (6; 1: none)")
+    r.add_argument("--lambda_value", type=cli.probability, default=None,
+                   help="weight of the original distance against the Jaccard distance (0.3)")
+    v = p.add_argument_group("rank-list picture")
+    v.add_argument("--show_ranks", default=None, metavar="PNG",
+                   help="draw the chosen queries beside their top-ranked gallery images into this PNG file")
+    v.add_argument("--queries", type=cli.positive_int, default=None, help="queries drawn (8)")
+    v.add_argument("--top", type=cli.positive_int, default=None, help="gallery images shown per query (10)")
+    v.add_argument("--seed", type=cli.nonnegative_int, default=None, help="seed of the random choice of queries (0)")
+    v.add_argument("--worst", action="store_true",
+                   help="draw the queries with the lowest AP (among those with a match) instead of random ones")
     return p
+
+
+RERANK_DEFAULTS = {"k1": 20, "k2": 6, "lambda_value": 0.3}
+PICTURE_DEFAULTS = {"queries": 8, "top": 10, "seed": 0}
+
+
+def check_args(args: argparse.Namespace) -> None:
+    """Flag combinations and outputs, before anything is read or computed; fills in the defaults."""
+    for flags, owner, on in ((RERANK_DEFAULTS, "--rerank", args.rerank),
+                             ({**PICTURE_DEFAULTS, "worst": False}, "--show_ranks", args.show_ranks)):
+        given = [f"--{k}" for k in flags if getattr(args, k) not in (None, False)]
+        if given and not on:
+            raise EvaluationError(f"{', '.join(given)} given without {owner}")
+        for k, default in flags.items():
+            if getattr(args, k) is None:
+                setattr(args, k, default)
+    if args.rerank and args.k2 > args.k1 + 1:
+        raise EvaluationError(f"--k2 ({args.k2}) must be at most --k1 + 1 ({args.k1 + 1}): query expansion "
+                              "averages the first k2 of the k1 + 1 nearest images")
+    inputs = {Path(args.mat).resolve()} | ({Path(args.multi_mat).resolve()} if args.multi_mat else set())
+    for flag, out in (("--json", args.json), ("--show_ranks", args.show_ranks)):
+        if out is None:
+            continue
+        if Path(out).resolve() in inputs:
+            raise EvaluationError(f"{flag} {out} is one of the input files")
+        if Path(out).exists() and not args.overwrite:
+            raise EvaluationError(f"{flag} {out} already exists: pass --overwrite to replace it")
+        if Path(out).is_dir():
+            raise EvaluationError(f"{flag} {out} is a folder")
+    if args.show_ranks and Path(args.show_ranks).suffix.lower() != ".png":
+        raise EvaluationError(f"--show_ranks {args.show_ranks}: the picture is written as PNG, name it *.png")
 
 
 def choose_device(args: argparse.Namespace) -> str:
@@ -304,17 +130,36 @@ def choose_device(args: argparse.Namespace) -> str:
     return f"cuda:{first}"
 
 
+def score(q: tuple, g: tuple, args: argparse.Namespace, device: str) -> tuple[dict, dict, KReciprocal | None]:
+    """(metrics of both protocols, per-query results, the re-ranker when --rerank)."""
+    qf, ql, qc, gf, gl, gc = check_inputs(*q, *g)
+    if not args.rerank:
+        gallery = GalleryIndex(gf, gl, gc)
+        chunk = max(1, CHUNK_ELEMENTS // max(len(gallery.f), 1))
+        per_query = query_results(qf, ql, qc, gallery, score_function(qf, gallery.f, device), chunk)
+        return summarize(per_query), per_query, None
+    from toolkit.rerank import RerankParams, rerank_query_results  # SciPy's sparse module: only when asked
+    params = RerankParams(args.k1, args.k2, args.lambda_value, "layumi")
+    per_query, reranker = rerank_query_results(qf, ql, qc, gf, gl, gc, params, device, progress=None)
+    return summarize(per_query), per_query, reranker
+
+
 def main(args: argparse.Namespace) -> dict:
+    check_args(args)
     device = choose_device(args)
     mat = load_mat(args.mat, RESULT_KEYS)
+    if args.show_ranks:
+        paths = mat_paths(mat, args.mat)
     q = (mat["query_f"], mat["query_label"], mat["query_cam"])
     g = (mat["gallery_f"], mat["gallery_label"], mat["gallery_cam"])
     try:
-        both = evaluate_protocols(*q, *g, device=device)
+        both, per_query, reranker = score(q, g, args, device)
     except EvaluationError as e:
         raise EvaluationError(f"{args.mat}: {e}") from None
     result = both[args.protocol]
-    print(format_result(result, args.protocol))
+    if args.rerank:
+        result["rerank"] = {"k1": args.k1, "k2": args.k2, "lambda": args.lambda_value}
+    print(("re-ranked " if args.rerank else "") + format_result(result, args.protocol))
     multi_file = Path(args.multi_mat or Path(args.mat).with_name("multi_query.mat"))
     if multi_file.is_file() and multi_file.stat().st_mtime < Path(args.mat).stat().st_mtime:
         print(f"note: ignoring {multi_file}, older than {args.mat} (written by an earlier test.py --multi run)")
@@ -324,10 +169,12 @@ def main(args: argparse.Namespace) -> dict:
             mq = multi_query_features(q[1], q[2], m["mquery_f"], m["mquery_label"], m["mquery_cam"], q[0])
         except EvaluationError as e:
             raise EvaluationError(f"{multi_file}: {e}") from None
-        multi = evaluate(mq, q[1], q[2], *g, protocol=args.protocol, device=device)
+        multi = score((mq, q[1], q[2]), g, args, device)[0][args.protocol]
         print("multi Rank@1:%f Rank@5:%f Rank@10:%f mAP:%f" % (multi["rank1"], multi["rank5"], multi["rank10"],
                                                                 multi["mAP"]))
         result["multi"] = multi
+    if args.show_ranks:
+        draw_ranks(q, g, paths, per_query, reranker, args)
     if args.json:  # both protocols, so collected tables need no recomputation
         from atomic_io import write_text_atomic
         other = "standard" if args.protocol == "reference" else "reference"
@@ -338,6 +185,53 @@ def main(args: argparse.Namespace) -> dict:
         except OSError as e:
             raise EvaluationError(f"cannot write {args.json}: {e.strerror}") from None
     return result
+
+
+def mat_paths(mat: dict, path: str) -> tuple[list[str], list[str]]:
+    """The image paths test.py stores beside the features (files written before it did have none)."""
+    if "query_path" not in mat or "gallery_path" not in mat:
+        raise EvaluationError(f"{path} holds no image paths (written by an older test.py): re-run test.py "
+                              "to draw rank lists")
+    out = []
+    for split in ("query", "gallery"):
+        names = [str(p).rstrip() for p in np.asarray(mat[f"{split}_path"]).reshape(-1)]
+        if len(names) != len(np.asarray(mat[f"{split}_f"])):
+            raise EvaluationError(f"{path}: {split}_path has {len(names)} entries for "
+                                  f"{len(np.asarray(mat[f'{split}_f']))} feature rows")
+        out.append(names)
+    return out[0], out[1]
+
+
+def choose_queries(per_query: dict, n: int, seed: int, worst: bool, protocol: str) -> np.ndarray:
+    """Reproducible query choice: random (seeded), or the lowest AP among queries with a match."""
+    n_query = len(per_query["has_match"])
+    if worst:
+        candidates = np.flatnonzero(per_query["has_match"])
+        ap = per_query[f"ap_{protocol}"][candidates]
+        return candidates[np.lexsort((candidates, ap))][:n]
+    return np.sort(np.random.default_rng(seed).choice(n_query, size=min(n, n_query), replace=False))
+
+
+def draw_ranks(q: tuple, g: tuple, paths: tuple[list[str], list[str]], per_query: dict,
+               reranker: KReciprocal | None, args: argparse.Namespace) -> None:
+    from toolkit.rank_pictures import RankRow, cell_kinds, draw_rank_rows, save_png  # Pillow: only when asked
+    qf, ql, qc, gf, gl, gc = check_inputs(*q, *g)
+    chosen = choose_queries(per_query, args.queries, args.seed, args.worst, args.protocol)
+    if len(chosen) == 0:
+        raise EvaluationError(f"{args.mat}: no query has a match in the gallery, so --worst has none to draw")
+    top = min(args.top, len(gf))
+    rows = []
+    for i in chosen:
+        if reranker is None:  # descending score, equal scores: the larger gallery index first
+            s = gf @ qf[i]
+            order = np.lexsort((-np.arange(len(gf)), -s))[:top]
+        else:  # ascending distance, equal distances: the lower gallery index first
+            order = np.lexsort((np.arange(len(gf)), reranker.final_distances(int(i), int(i) + 1)[0]))[:top]
+        kinds = cell_kinds(ql[i], qc[i], gl[order], gc[order])
+        caption = f"query {i} id {ql[i]}  AP {per_query[f'ap_{args.protocol}'][i]:.3f}"
+        rows.append(RankRow(paths[0][i], caption, [(paths[1][j], k) for j, k in zip(order, kinds)]))
+    save_png(draw_rank_rows(rows, top), args.show_ranks)
+    print(f"wrote {args.show_ranks}: {len(rows)} queries x top {top}")
 
 
 if __name__ == "__main__":

@@ -1,5 +1,5 @@
 """Generate a small synthetic re-ID dataset in a REAL raw layout (Market-1501, DukeMTMC-reID, MSMT17_V1,
-Occluded-Duke).
+Occluded-Duke, CUHK01).
 
 Every identity has a stable appearance (shirt and trouser colours, stripe pattern, bag side);
 every camera changes lighting, background and position. A network trained for a few epochs
@@ -25,24 +25,26 @@ import cli
 HEIGHT, WIDTH = 64, 32
 DEFAULT_OUT = {"market": "datasets/synthetic/Market", "duke": "datasets/synthetic/DukeMTMC-reID",
                "msmt": "datasets/synthetic/MSMT17_V1", "cifar10": "datasets/synthetic/cifar.python",
-               "imagenet": "datasets/synthetic/ImageNet", "occluded_duke": "datasets/synthetic/transreid/Occluded_Duke"}
+               "imagenet": "datasets/synthetic/ImageNet", "occluded_duke": "datasets/synthetic/transreid/Occluded_Duke",
+               "cuhk01": "datasets/synthetic/CUHK01"}
 DEFAULT_CAMERAS = {"market": 6, "duke": 8, "msmt": 15, "cifar10": 0, "imagenet": 0,  # no cameras there
-                   "occluded_duke": 8}
+                   "occluded_duke": 8, "cuhk01": 2}
 MARKER = ".synthetic.json"
 
 
 def get_args_parser() -> argparse.ArgumentParser:
     p = cli.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--format", choices=["market", "duke", "msmt", "occluded_duke", "cifar10", "imagenet"],
+    p.add_argument("--format", choices=["market", "duke", "msmt", "occluded_duke", "cuhk01", "cifar10", "imagenet"],
                    default="market",
                    help="raw layout and file-name pattern to write (occluded_duke: Duke names, every query image "
-                        "partly covered, the layout transreid/ reads; cifar10/imagenet: classification sets for "
-                        "classification/; --ids is then the class count, --images_per_id the training "
-                        "images per class)")
+                        "partly covered, the layout transreid/ reads; cuhk01: campus/PPPPNNN.png, 4 images per id, "
+                        "two per camera; cifar10/imagenet: classification sets for classification/; --ids is then "
+                        "the class count, --images_per_id the training images per class)")
     p.add_argument("--out", default=None, help="output folder (default: datasets/synthetic/<dataset name>)")
     p.add_argument("--ids", type=cli.positive_int, default=24,
                    help="number of identities; the first half (rounded up) are training ids, the rest test ids")
-    p.add_argument("--images_per_id", type=cli.positive_int, default=12, help="images per identity (at least 4)")
+    p.add_argument("--images_per_id", type=cli.positive_int, default=None,
+                   help="images per identity (at least 4; default 12, and CUHK01's 4)")
     p.add_argument("--cameras", type=cli.positive_int, default=None,
                    help="number of cameras (default: 6 market, 8 duke and occluded_duke, 15 msmt; market allows "
                         "at most 6, msmt 99)")
@@ -110,9 +112,12 @@ class Renderer:
         return img
 
 
-def jpeg_bytes(img: np.ndarray) -> bytes:
+def image_bytes(img: np.ndarray, name: str) -> bytes:
     buf = io.BytesIO()
-    Image.fromarray(img).save(buf, format="JPEG", quality=90)
+    if name.endswith(".png"):
+        Image.fromarray(img).save(buf, format="PNG")
+    else:
+        Image.fromarray(img).save(buf, format="JPEG", quality=90)
     return buf.getvalue()
 
 
@@ -135,8 +140,22 @@ def identity_images(rng: np.random.Generator, n_images: int, n_cams: int) -> lis
     return [int(cams[j % k]) for j in range(n_images)]
 
 
+def generate_cuhk01(out: Path, n_ids: int, seed: int) -> dict:
+    """campus/PPPPNNN.png: ids 0001.., images 001-002 from camera 1, 003-004 from camera 2."""
+    rng = np.random.default_rng(seed)
+    render = Renderer(rng, n_ids, 2)
+    (out / "campus").mkdir(parents=True, exist_ok=True)
+    for ident in range(n_ids):
+        for image in range(4):
+            name = f"{ident + 1:04d}{image + 1:03d}.png"
+            (out / "campus" / name).write_bytes(image_bytes(render.person(rng, ident, image // 2), name))
+    return {"campus": 4 * n_ids}
+
+
 def generate(fmt: str, out: Path, n_ids: int, per_id: int, n_cams: int, seed: int) -> dict:
     """Write the dataset; returns counts per raw folder."""
+    if fmt == "cuhk01":
+        return generate_cuhk01(out, n_ids, seed)
     rng = np.random.default_rng(seed)
     render = Renderer(rng, n_ids, n_cams)
     n_train = (n_ids + 1) // 2
@@ -182,7 +201,7 @@ def generate(fmt: str, out: Path, n_ids: int, per_id: int, n_cams: int, seed: in
             else:
                 path = out / folder / name
             path.parent.mkdir(parents=True, exist_ok=True)
-            path.write_bytes(jpeg_bytes(img))
+            path.write_bytes(image_bytes(img, name))
         counts[folder] = len(items)
     if fmt == "msmt":
         write_msmt_lists(out, files)
@@ -211,14 +230,22 @@ def main(args: argparse.Namespace) -> int:
     fmt = args.format
     out = Path(args.out or DEFAULT_OUT[fmt])
     cams = args.cameras or DEFAULT_CAMERAS[fmt]
-    limit = {"market": 6, "duke": 9, "occluded_duke": 9, "msmt": 99, "cifar10": 0, "imagenet": 0}[fmt]
+    per_id = args.images_per_id or (4 if fmt == "cuhk01" else 12)
+    limit = {"market": 6, "duke": 9, "occluded_duke": 9, "msmt": 99, "cuhk01": 2, "cifar10": 0, "imagenet": 0}[fmt]
+    if fmt == "cuhk01" and (cams != 2 or per_id != 4):
+        print("error: CUHK01 has exactly 2 cameras and 4 images per identity (--cameras 2 --images_per_id 4)",
+              file=sys.stderr)
+        return 2
     if limit and not 2 <= cams <= limit:
         print(f"error: --cameras must be between 2 and {limit} for {fmt}", file=sys.stderr)
         return 2
-    if args.ids < 2 or args.images_per_id < 4:
+    if args.ids < 2 or per_id < 4:
         print("error: --ids must be at least 2 and --images_per_id at least 4", file=sys.stderr)
         return 2
-    params = {"format": fmt, "ids": args.ids, "images_per_id": args.images_per_id, "cameras": cams,
+    if fmt == "cuhk01" and args.ids > 9999:
+        print("error: CUHK01 names hold 4-digit identities: --ids at most 9999", file=sys.stderr)
+        return 2
+    params = {"format": fmt, "ids": args.ids, "images_per_id": per_id, "cameras": cams,
               "seed": args.seed, "version": 1}
     marker = out / MARKER
     if marker.is_file() and json.loads(marker.read_text()) == params:
@@ -232,12 +259,12 @@ def main(args: argparse.Namespace) -> int:
         shutil.rmtree(out)
     if fmt == "cifar10":
         from classification.synthetic import write_cifar10
-        counts = write_cifar10(out, args.images_per_id, args.seed)
+        counts = write_cifar10(out, per_id, args.seed)
     elif fmt == "imagenet":
         from classification.synthetic import write_imagenet
-        counts = write_imagenet(out, args.ids, args.images_per_id, args.seed)
+        counts = write_imagenet(out, args.ids, per_id, args.seed)
     else:
-        counts = generate(fmt, out, args.ids, args.images_per_id, cams, args.seed)
+        counts = generate(fmt, out, args.ids, per_id, cams, args.seed)
     marker.write_text(json.dumps(params))
     print(f"wrote synthetic {fmt} dataset to {out}: " + ", ".join(f"{k} {v}" for k, v in sorted(counts.items())))
     return 0

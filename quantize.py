@@ -21,13 +21,10 @@ from __future__ import annotations
 
 import argparse
 import copy
-import logging
-import tempfile
 from pathlib import Path
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from torch import nn
 from torch.nn.utils import parametrize
 
@@ -41,17 +38,15 @@ import utils
 from dataset_layout import DatasetError
 from pruner import PruneError
 from small_model import load_small_model, make_deploy_model
+from toolkit import int8
+from toolkit.int8 import QuantizationError
 
 WEIGHT_QMAX = 127  # symmetric INT8 weights: [-127, 127], as ONNX Runtime's quantizer uses
 ACT_QMIN, ACT_QMAX = 0, 255  # UINT8 activations (the fast U8S8 path on x86)
 
 
-class QuantizationError(Exception):
-    """A user-facing problem (missing onnxruntime, no calibration images); printed as one line."""
-
-
 # ---------------------------------------------------------------------------------------------------------------
-# ONNX Runtime static quantization
+# ONNX Runtime static quantization (toolkit.int8)
 
 
 def calibration_batches(roots: list[Path], n_images: int, size: tuple[int, int], batch: int = 16,
@@ -64,42 +59,13 @@ def calibration_batches(roots: list[Path], n_images: int, size: tuple[int, int],
 
 
 def quantize_onnx(fp32_path: Path, int8_path: Path, batches: list[np.ndarray], reduce_range: bool = False) -> Path:
-    """Static INT8 quantization (QDQ, per-channel weights) of an ONNX model, calibrated on `batches`."""
-    try:
-        from onnxruntime.quantization import (CalibrationDataReader, QuantFormat, QuantType, quant_pre_process,
-                                              quantize_static)
-    except ImportError:
-        raise QuantizationError("INT8 quantization needs onnxruntime (pip install -r requirements.txt)") from None
-
-    class Reader(CalibrationDataReader):
-        def __init__(self):
-            self.batches = iter(batches)
-
-        def get_next(self):
-            x = next(self.batches, None)
-            return None if x is None else {"images": x}
-
-    if not batches:
-        raise QuantizationError("no calibration images (--calib_images must be at least 1)")
-    root, level = logging.getLogger(), logging.getLogger().level
-    root.setLevel(logging.ERROR)  # the quantizer warns about the BN neck's 1-d weight having no channel axis
-    try:
-        with tempfile.TemporaryDirectory() as tmp:
-            prepared = Path(tmp) / "prepared.onnx"  # BN folded into the convs, graph optimised
-            quant_pre_process(str(fp32_path), str(prepared), skip_symbolic_shape=True)
-            with utils.atomic_path(int8_path) as tmp_out:
-                quantize_static(str(prepared), str(tmp_out), Reader(), quant_format=QuantFormat.QDQ,
-                                per_channel=True, activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8,
-                                reduce_range=reduce_range)
-    finally:
-        root.setLevel(level)
-    return int8_path
+    """Static INT8 quantization (QDQ, per-channel weights) of a CNN's ONNX model, calibrated on `batches`."""
+    return int8.quantize_static(fp32_path, int8_path, [{"images": x} for x in batches], reduce_range)
 
 
 def cosine_similarity(session_a, session_b, images: np.ndarray) -> np.ndarray:
     """Per-image cosine similarity of two sessions' features."""
-    a, b = (torch.from_numpy(s.run(None, {"images": images})[0]) for s in (session_a, session_b))
-    return F.cosine_similarity(a, b, dim=1).numpy()
+    return int8.feature_cosine(*(s.run(None, {"images": images})[0] for s in (session_a, session_b)))
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -207,9 +173,7 @@ def qat_finetune(small: nn.Module, args: argparse.Namespace, out: Path) -> nn.Mo
 
 
 def main(args: argparse.Namespace) -> list[dict]:
-    if not runtime_comparison.onnx_available():
-        raise QuantizationError("INT8 quantization needs onnxruntime, onnx and onnxscript "
-                                "(pip install -r requirements.txt)")
+    int8.require_onnx()
     out = Path(args.out or Path(args.checkpoint).with_suffix("").as_posix() + "_int8")
     cli.refuse_existing_output(out, args.overwrite, args.resume, "continue its QAT fine-tuning")
     small = load_small_model(args.checkpoint).eval()

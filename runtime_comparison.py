@@ -30,6 +30,8 @@ import utils
 from dataset_layout import DatasetError
 from pruner import PruneError
 from small_model import make_deploy_model, small_from_checkpoint
+from toolkit.int8 import QuantizationError, onnx_available
+from toolkit.latency import OPTIONAL_COLUMNS, add_ratios, format_table, median_latencies, write_outputs  # noqa: F401
 
 
 def get_args_parser() -> argparse.ArgumentParser:
@@ -59,24 +61,6 @@ def get_args_parser() -> argparse.ArgumentParser:
     p.add_argument("--test_dir", default=None,
                    help="also report mAP and Rank-1 of every row on this prepared dataset's query/gallery")
     return p
-
-
-def median_latencies(fns: dict[str, Callable[[], object]], warmup: int, repeats: int,
-                     sync: Callable[[], None] = lambda: None) -> dict[str, float]:
-    """Median wall time of each fn() in milliseconds, timed in turns (one run of each per round), so
-    that load drifting on a shared machine during the measurement affects all of them alike."""
-    for fn in fns.values():
-        for _ in range(warmup):
-            fn()
-    sync()
-    times = {name: [] for name in fns}
-    for _ in range(repeats):
-        for name, fn in fns.items():
-            t0 = time.perf_counter()
-            fn()
-            sync()
-            times[name].append(time.perf_counter() - t0)
-    return {name: statistics.median(t) * 1e3 for name, t in times.items()}
 
 
 def compare(models: dict[str, torch.nn.Module], input_size: tuple[int, int], batch_sizes: list[int],
@@ -123,65 +107,18 @@ def compare(models: dict[str, torch.nn.Module], input_size: tuple[int, int], bat
     return add_ratios(rows, batch_sizes)
 
 
-def add_ratios(rows: list[dict], batch_sizes: list[int]) -> list[dict]:
-    """MAC ratio and measured speed-up of every row relative to the first one (in place)."""
-    base = rows[0]
-    for row in rows:
-        row["mac_ratio"] = base["macs"] / row["macs"]
-        for b in batch_sizes:
-            row[f"speedup_b{b}"] = base[f"ms_b{b}"] / row[f"ms_b{b}"]
-    return rows
-
-
-OPTIONAL_COLUMNS = (("size_mb", "size (MB)", "{:9.2f}"), ("mAP", "mAP", "{:6.3f}"), ("R1", "R1", "{:6.3f}"))
-
-
-def format_table(rows: list[dict], batch_sizes: list[int]) -> str:
-    """Params, MACs, MAC ratio, then file size and accuracy where the rows have them, then latencies."""
-    extra = [c for c in OPTIONAL_COLUMNS if any(c[0] in r for r in rows)]
-    width = max(26, *(len(r["model"]) for r in rows))
-    head = f"{'model':{width}s} {'params (M)':>10s} {'GMACs':>8s} {'MAC ratio':>9s}" + "".join(
-        f" {title:>{len(fmt.format(0))}s}" for _, title, fmt in extra) + "".join(
-        f" {'b' + str(b) + ' ms':>9s} {'speed-up':>8s}" for b in batch_sizes)
-    lines = [head, "-" * len(head)]
-    for r in rows:
-        cells = "".join(" " + (fmt.format(r[key]) if key in r else " " * len(fmt.format(0))) for key, _, fmt in extra)
-        lines.append(f"{r['model']:{width}s} {r['params'] / 1e6:10.3f} {r['macs'] / 1e9:8.4f} {r['mac_ratio']:9.2f}"
-                     + cells + "".join(f" {r[f'ms_b{b}']:9.2f} {r[f'speedup_b{b}']:8.2f}" for b in batch_sizes))
-    return "\n".join(lines)
-
-
-def write_outputs(rows: list[dict], stem: Path) -> None:
-    buf = io.StringIO()
-    fields = list(dict.fromkeys(key for row in rows for key in row))  # rows may lack optional columns
-    writer = csv.DictWriter(buf, fields)
-    writer.writeheader()
-    writer.writerows(rows)
-    utils.write_text_atomic(buf.getvalue(), stem.with_suffix(".csv"))
-    utils.write_text_atomic(json.dumps(rows, indent=2), stem.with_suffix(".json"))
-
-
-def onnx_available() -> bool:
-    try:
-        import onnxruntime  # noqa: F401
-        import onnxscript  # noqa: F401
-        return True
-    except ImportError:
-        return False
-
-
 def int8_file(run: Path, deploy: torch.nn.Module, args: argparse.Namespace, size: tuple[int, int]) -> Path:
     """RUN/net_<epoch>_small_int8.onnx: the deploy form statically quantized, calibrated on training images."""
-    import quantize
+    from quantize import calibration_batches, quantize_onnx
     opts = utils.load_options(run / "opts.yaml") if (run / "opts.yaml").is_file() else {}
     source = args.calib_dir or opts.get("data_dir")
     if not source:
         raise DatasetError("--int8 needs calibration images: pass --calib_dir DATASET/pytorch")
-    batches = quantize.calibration_batches(data.training_dirs(source, bool(opts.get("train_all", True))),
+    batches = calibration_batches(data.training_dirs(source, bool(opts.get("train_all", True))),
                                            args.calib_images, size)
     with tempfile.TemporaryDirectory() as tmp:
         fp32 = onnx_export.export_onnx(deploy, Path(tmp) / "fp32.onnx", size, args.onnx_exporter == "dynamo")
-        return quantize.quantize_onnx(fp32, run / f"net_{args.which_epoch}_small_int8.onnx", batches)
+        return quantize_onnx(fp32, run / f"net_{args.which_epoch}_small_int8.onnx", batches)
 
 
 def main(args: argparse.Namespace) -> list[dict]:
@@ -215,6 +152,5 @@ def main(args: argparse.Namespace) -> list[dict]:
 
 
 if __name__ == "__main__":
-    from quantize import QuantizationError
     utils.run_main(main, get_args_parser().parse_args(),
                    (DatasetError, model_lib.ModelError, PruneError, QuantizationError))

@@ -23,7 +23,7 @@ import distributed
 import model as model_lib
 import utils
 from dataset_layout import DatasetError
-from evaluate_gpu import EvaluationError, evaluate
+from toolkit.ranking import EvaluationError, evaluate, image_paths
 
 
 def get_args_parser() -> argparse.ArgumentParser:
@@ -110,7 +110,7 @@ def write_features(net: torch.nn.Module, test_dir: str, size: tuple[int, int], d
         images = data.ReidImages(Path(test_dir) / split, transform)
         feats = finite_features(extract_features(net, images, device, args.batchsize, args.workers, split), split)
         result.update({f"{split}_f": feats.numpy(), f"{split}_label": np.asarray(images.labels),
-                       f"{split}_cam": np.asarray(images.cams)})
+                       f"{split}_cam": np.asarray(images.cams), f"{split}_path": image_paths(images.paths)})
     if distributed.is_main():
         utils.savemat_atomic(result, args.mat)
         print(f"wrote {args.mat}: {len(result['query_f'])} queries, {len(result['gallery_f'])} gallery images")

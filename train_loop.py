@@ -429,6 +429,7 @@ def train(args: argparse.Namespace, make_hook: Callable[[nn.Module, argparse.Nam
         if len(train_dirs) > 1:
             for source in loader.dataset.sources:
                 print(f"  {source['source']}: {source['ids']} ids, {source['images']} images")
+            print(f"  merged: {data.describe_sources(loader.dataset.sources)}")
         print(f"{args.network_arch}: {num_classes} classes, {len(loader.dataset)} images, device {device}"
               f"{f' x {world} processes' if world > 1 else ''}, outputs in {out}")
 

@@ -94,3 +94,20 @@ def tiny_transreid_run(synthetic_occ_duke, tmp_path_factory) -> Path:
                    "OUTPUT_DIR", out)
     assert r.returncode == 0, r.stderr
     return out
+
+
+TINY_ATTN, TINY_HEAD = TINY_CFG.replace("tiny", "tiny_attn"), TINY_CFG.replace("tiny", "tiny_head")
+
+
+@pytest.fixture(scope="session")
+def amg_runs(tiny_transreid_run, synthetic_occ_duke, tmp_path_factory):
+    """A token run from the trained tiny model, then a head run from its best.pth (heads after tokens)."""
+    root = tmp_path_factory.mktemp("amg")
+    data = ["DATASETS.ROOT_DIR", str(synthetic_occ_duke)]
+    r = run_script("-m transreid.finetune", "--config_file", TINY_ATTN, *data, "FINETUNE.PRETRAIN_PATH",
+                   tiny_transreid_run / "transformer_2.pth", "OUTPUT_DIR", root / "attn")
+    assert r.returncode == 0, r.stderr
+    r = run_script("-m transreid.finetune", "--config_file", TINY_HEAD, *data, "FINETUNE.PRETRAIN_PATH",
+                   root / "attn" / "best.pth", "OUTPUT_DIR", root / "head")
+    assert r.returncode == 0, r.stderr
+    return root, data

@@ -6,12 +6,10 @@ import math
 import pytest
 import torch
 
-from conftest import TINY_CFG, run_script
+from conftest import TINY_ATTN, TINY_CFG, TINY_HEAD, run_script
 from transreid import amg
 from transreid import model as tr
 from transreid.config import load_config
-
-TINY_ATTN, TINY_HEAD = TINY_CFG.replace("tiny", "tiny_attn"), TINY_CFG.replace("tiny", "tiny_head")
 
 
 def tiny_model(jpm=True, seed=0) -> tr.TransReID:
@@ -204,20 +202,6 @@ def test_checkpoint_round_trip_rebuilds_identical_features(tmp_path):
     with torch.no_grad():
         assert torch.equal(rebuilt(x, cams), model(x, cams))
     assert tr.model_from_checkpoint(cfg, ckpt, "x").feature_params() < tr.make_model(cfg, 5, 3).feature_params()
-
-
-@pytest.fixture(scope="module")
-def amg_runs(tiny_transreid_run, synthetic_occ_duke, tmp_path_factory):
-    """A token run from the trained tiny model, then a head run from its best.pth (heads after tokens)."""
-    root = tmp_path_factory.mktemp("amg")
-    data = ["DATASETS.ROOT_DIR", str(synthetic_occ_duke)]
-    r = run_script("-m transreid.finetune", "--config_file", TINY_ATTN, *data, "FINETUNE.PRETRAIN_PATH",
-                   tiny_transreid_run / "transformer_2.pth", "OUTPUT_DIR", root / "attn")
-    assert r.returncode == 0, r.stderr
-    r = run_script("-m transreid.finetune", "--config_file", TINY_HEAD, *data, "FINETUNE.PRETRAIN_PATH",
-                   root / "attn" / "best.pth", "OUTPUT_DIR", root / "head")
-    assert r.returncode == 0, r.stderr
-    return root, data
 
 
 def test_tiny_token_then_head_runs(amg_runs):

@@ -17,7 +17,7 @@ from torch.utils.data import DataLoader, Dataset, Sampler
 from torchvision import transforms
 
 from data import load_rgb
-from dataset_layout import DatasetError, parse_name
+from dataset_layout import DatasetError, is_image, parse_name
 from transreid.config import DATASETS
 
 SPLITS = {"train": "bounding_box_train", "query": "query", "gallery": "bounding_box_test"}
@@ -29,7 +29,7 @@ def read_split(folder: Path) -> list[tuple[Path, int, int]]:
         raise DatasetError(f"dataset folder {folder} does not exist (DATASETS.ROOT_DIR must hold "
                            f"{folder.parent.name}/{{bounding_box_train,query,bounding_box_test}})")
     items = []
-    for path in sorted(folder.glob("*.jpg")):
+    for path in sorted(p for p in folder.iterdir() if is_image(p)):
         pid, cam = parse_name(path.name)
         if pid != -1:
             items.append((path, pid, cam - 1))

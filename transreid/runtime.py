@@ -11,12 +11,16 @@ to the first row and the median latency per batch size; PyTorch rows use scaled_
 from __future__ import annotations
 
 import argparse
+import tempfile
 from pathlib import Path
 
 import torch
 
 import cli
+from onnx_export import export_onnx
 from runtime_comparison import compare, format_table, write_outputs
+from toolkit import int8
+from toolkit.int8 import QuantizationError
 from transreid import amg
 from transreid.config import ConfigError, get_args_parser, load_config
 from transreid.model import ModelError, TransReID, make_model, model_from_checkpoint, read_reid_checkpoint
@@ -52,27 +56,41 @@ def variants(cfg, args: argparse.Namespace) -> dict[str, TransReID]:
             f"head {h:.0%}": random_pruned(cfg, 0, h), f"token {t:.0%} + head {h:.0%}": random_pruned(cfg, t, h)}
 
 
+INT8_SUFFIX = " int8 (onnxruntime)"
+
+
 def runtime_table(models: dict[str, TransReID], input_size: tuple[int, int], batch_sizes: list[int], warmup: int,
-                  repeats: int, onnx: bool, threads: int | None = None) -> list[dict]:
-    """compare()'s rows plus AMG's GFLOPs and their ratio; PyTorch rows with fused attention."""
+                  repeats: int, onnx: bool, threads: int | None = None, int8_rows: bool = False) -> list[dict]:
+    """compare()'s rows plus AMG's GFLOPs and their ratio; PyTorch rows with fused attention. int8_rows: each
+    model also exported and dynamically quantized to INT8 (toolkit.int8), timed under ONNX Runtime."""
     for m in models.values():
         m.use_fused_attention(True)
-    rows = compare(models, input_size, batch_sizes, torch.device("cpu"), warmup, repeats, threads,
-                   onnx_models=tuple(models) if onnx else (), onnx_dynamo=False)
+    with tempfile.TemporaryDirectory() as tmp:
+        extra = {}
+        for i, (name, m) in enumerate(models.items() if int8_rows else ()):
+            fp32 = export_onnx(m, Path(tmp) / f"{i}.onnx", input_size, dynamo=False)
+            extra[name + INT8_SUFFIX] = (int8.quantize_dynamic(fp32, Path(tmp) / f"{i}_int8.onnx"), m)
+        rows = compare(models, input_size, batch_sizes, torch.device("cpu"), warmup, repeats, threads,
+                       onnx_models=tuple(models) if onnx else (), extra_onnx=extra, onnx_dynamo=False)
     amg_gflops = {name: amg.model_amg_macs(m) / 1e9 for name, m in models.items()}
     for row in rows:
-        row["amg_gflops"] = amg_gflops[row["model"].removesuffix(" (onnxruntime)")]
+        row["amg_gflops"] = amg_gflops[row["model"].removesuffix(INT8_SUFFIX).removesuffix(" (onnxruntime)")]
         row["amg_ratio"] = rows[0]["amg_gflops"] / row["amg_gflops"]
     return rows
 
 
 def main(args: argparse.Namespace) -> list[dict]:
     cfg = load_config(args.config_file, args.opts)
+    if args.int8 and args.no_onnx:
+        raise ConfigError("--int8 adds ONNX Runtime rows: it cannot go with --no_onnx")
+    if args.int8:
+        int8.require_onnx()
     if args.threads:
         torch.set_num_threads(args.threads)
     models = variants(cfg, args)
     size = tuple(cfg.INPUT.SIZE_TEST)
-    rows = runtime_table(models, size, args.batch_sizes, args.warmup, args.repeats, not args.no_onnx, args.threads)
+    rows = runtime_table(models, size, args.batch_sizes, args.warmup, args.repeats, not args.no_onnx, args.threads,
+                         args.int8)
     print(format_table(rows, args.batch_sizes))
     print("AMG GFLOPs (prunable blocks): " + ", ".join(f"{r['model']} {r['amg_gflops']:.4g}" for r in rows
                                                        if "onnxruntime" not in r["model"]))
@@ -94,9 +112,11 @@ def get_parser() -> argparse.ArgumentParser:
     p.add_argument("--repeats", type=cli.positive_int, default=10, help="timed runs; the median is reported")
     p.add_argument("--threads", type=cli.positive_int, default=None, help="CPU threads (default: torch's choice)")
     p.add_argument("--no_onnx", action="store_true", help="skip the ONNX Runtime rows")
+    p.add_argument("--int8", action="store_true",
+                   help="also time every model dynamically quantized to INT8 under ONNX Runtime (see transreid.quantize)")
     p.add_argument("--out", default=None, help="also write the table as OUT.csv and OUT.json")
     return p
 
 
 if __name__ == "__main__":
-    cli.run_main(main, get_parser().parse_intermixed_args(), (ConfigError, ModelError))
+    cli.run_main(main, get_parser().parse_intermixed_args(), (ConfigError, ModelError, QuantizationError))

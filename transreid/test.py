@@ -17,6 +17,7 @@ import distributed
 import utils
 from dataset_layout import DatasetError
 from onnx_export import export_onnx, onnx_max_difference
+from toolkit.ranking import image_paths
 from transreid import processor
 from transreid.config import ConfigError, get_args_parser, load_config
 from transreid.datasets import make_test_loader, read_dataset
@@ -34,14 +35,18 @@ def main(args: argparse.Namespace) -> dict:
     model = model_from_checkpoint(cfg, ckpt, cfg.TEST.WEIGHT).to(device)
     model.use_fused_attention(not args.explicit_attention)
     loader = make_test_loader(cfg, splits, distributed.rank(), distributed.world_size())
-    metrics, arrays = processor.test_model(cfg, model, loader, len(splits.query), device)
+    metrics, arrays = processor.test_model(cfg, model, loader, len(splits.query), device, rerank=cfg.TEST.RE_RANKING)
     if distributed.is_main():
         print(f"{cfg.TEST.WEIGHT}: heads {model.heads_per_layer()}, tokens {ckpt.get('channels')}")
-        print(f"{len(splits.query)} queries, {len(splits.gallery)} gallery images: {processor.format_metrics(metrics)}")
+        print(f"{len(splits.query)} queries, {len(splits.gallery)} gallery images"
+              f"{' (re-ranked: k1 50, k2 15, lambda 0.3)' if cfg.TEST.RE_RANKING else ''}: "
+              f"{processor.format_metrics(metrics)}")
         if args.mat:
             qf, ql, qc, gf, gl, gc = arrays
             utils.savemat_atomic({"query_f": qf, "query_label": ql, "query_cam": qc + 1, "gallery_f": gf,
-                                  "gallery_label": gl, "gallery_cam": gc + 1}, args.mat)
+                                  "gallery_label": gl, "gallery_cam": gc + 1,
+                                  "query_path": image_paths([p for p, _, _ in splits.query]),
+                                  "gallery_path": image_paths([p for p, _, _ in splits.gallery])}, args.mat)
             print(f"wrote {args.mat} (score it with: python evaluate_gpu.py --mat {args.mat} --protocol standard)")
         if args.json:
             utils.write_text_atomic(json.dumps(metrics, indent=1), args.json)

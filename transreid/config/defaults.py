@@ -80,7 +80,7 @@ _C.SOLVER.IMS_PER_BATCH = 64  # the GLOBAL batch: under torchrun each of N proce
 
 _C.TEST = CN()
 _C.TEST.IMS_PER_BATCH = 128
-_C.TEST.RE_RANKING = False  # not implemented, must stay False
+_C.TEST.RE_RANKING = False  # transreid.test: k-reciprocal re-ranking with TransReID's k1 50, k2 15, lambda 0.3
 _C.TEST.WEIGHT = ""  # checkpoint that transreid.test evaluates
 _C.TEST.NECK_FEAT = "before"  # 'before': features before the BNNeck (TransReID's test setting); 'after'
 _C.TEST.FEAT_NORM = "yes"  # 'yes': L2-normalise features before the Euclidean distance

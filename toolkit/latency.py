@@ -1,0 +1,69 @@
+"""Latency tables: medians of runs timed in turns, ratios to the first row, the printed table, CSV and JSON."""
+from __future__ import annotations
+
+import csv
+import io
+import json
+import statistics
+import time
+from pathlib import Path
+from typing import Callable
+
+from atomic_io import write_text_atomic
+
+
+def median_latencies(fns: dict[str, Callable[[], object]], warmup: int, repeats: int,
+                     sync: Callable[[], None] = lambda: None) -> dict[str, float]:
+    """Median wall time of each fn() in milliseconds, timed in turns (one run of each per round), so
+    that load drifting on a shared machine during the measurement affects all of them alike."""
+    for fn in fns.values():
+        for _ in range(warmup):
+            fn()
+    sync()
+    times = {name: [] for name in fns}
+    for _ in range(repeats):
+        for name, fn in fns.items():
+            t0 = time.perf_counter()
+            fn()
+            sync()
+            times[name].append(time.perf_counter() - t0)
+    return {name: statistics.median(t) * 1e3 for name, t in times.items()}
+
+
+def add_ratios(rows: list[dict], batch_sizes: list[int]) -> list[dict]:
+    """MAC ratio and measured speed-up of every row relative to the first one (in place)."""
+    base = rows[0]
+    for row in rows:
+        row["mac_ratio"] = base["macs"] / row["macs"]
+        for b in batch_sizes:
+            row[f"speedup_b{b}"] = base[f"ms_b{b}"] / row[f"ms_b{b}"]
+    return rows
+
+
+OPTIONAL_COLUMNS = (("size_mb", "size (MB)", "{:9.2f}"), ("cosine", "cosine", "{:7.4f}"), ("mAP", "mAP", "{:6.3f}"),
+                    ("R1", "R1", "{:6.3f}"), ("mINP", "mINP", "{:6.3f}"))
+
+
+def format_table(rows: list[dict], batch_sizes: list[int]) -> str:
+    """Params, MACs, MAC ratio, then file size and accuracy where the rows have them, then latencies."""
+    extra = [c for c in OPTIONAL_COLUMNS if any(c[0] in r for r in rows)]
+    width = max(26, *(len(r["model"]) for r in rows))
+    head = f"{'model':{width}s} {'params (M)':>10s} {'GMACs':>8s} {'MAC ratio':>9s}" + "".join(
+        f" {title:>{len(fmt.format(0))}s}" for _, title, fmt in extra) + "".join(
+        f" {'b' + str(b) + ' ms':>9s} {'speed-up':>8s}" for b in batch_sizes)
+    lines = [head, "-" * len(head)]
+    for r in rows:
+        cells = "".join(" " + (fmt.format(r[key]) if key in r else " " * len(fmt.format(0))) for key, _, fmt in extra)
+        lines.append(f"{r['model']:{width}s} {r['params'] / 1e6:10.3f} {r['macs'] / 1e9:8.4f} {r['mac_ratio']:9.2f}"
+                     + cells + "".join(f" {r[f'ms_b{b}']:9.2f} {r[f'speedup_b{b}']:8.2f}" for b in batch_sizes))
+    return "\n".join(lines)
+
+
+def write_outputs(rows: list[dict], stem: Path) -> None:
+    buf = io.StringIO()
+    fields = list(dict.fromkeys(key for row in rows for key in row))  # rows may lack optional columns
+    writer = csv.DictWriter(buf, fields)
+    writer.writeheader()
+    writer.writerows(rows)
+    write_text_atomic(buf.getvalue(), stem.with_suffix(".csv"))
+    write_text_atomic(json.dumps(rows, indent=2), stem.with_suffix(".json"))
