@@ -228,7 +228,7 @@ def draw_ranks(q: tuple, g: tuple, paths: tuple[list[str], list[str]], per_query
         else:  # ascending distance, equal distances: the lower gallery index first
             order = np.lexsort((np.arange(len(gf)), reranker.final_distances(int(i), int(i) + 1)[0]))[:top]
         kinds = cell_kinds(ql[i], qc[i], gl[order], gc[order])
-        caption = f"query {i} id {ql[i]}  AP {per_query[f'ap_{args.protocol}'][i]:.3f}"
+        caption = f"query {i}, id {ql[i]}, AP = {per_query[f'ap_{args.protocol}'][i]:.3f}"
         rows.append(RankRow(paths[0][i], caption, [(paths[1][j], k) for j, k in zip(order, kinds)]))
     save_png(draw_rank_rows(rows, top), args.show_ranks)
     print(f"wrote {args.show_ranks}: {len(rows)} queries x top {top}")

@@ -10,14 +10,8 @@ JSON next to the checkpoint (RUN/runtime_<epoch>_<device>.csv/.json).
 from __future__ import annotations
 
 import argparse
-import csv
-import io
-import json
-import statistics
 import tempfile
-import time
 from pathlib import Path
-from typing import Callable
 
 import torch
 

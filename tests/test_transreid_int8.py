@@ -28,8 +28,9 @@ def qkv_widths(path) -> list[int]:
 def int8_table(amg_runs, tiny_transreid_run, tmp_path_factory):
     root, data = amg_runs
     out = tmp_path_factory.mktemp("int8") / "out"
-    r = run_script("-m transreid.quantize", "--config_file", TINY_HEAD, *data, "TEST.WEIGHT", root / "head" / "best.pth",
-                   "--unpruned", tiny_transreid_run / "transformer_2.pth", "--out", out, *FAST)
+    r = run_script("-m transreid.quantize", "--config_file", TINY_HEAD, *data, "TEST.WEIGHT",
+                   root / "head" / "best.pth", "--unpruned", tiny_transreid_run / "transformer_2.pth", "--out", out,
+                   *FAST)
     assert r.returncode == 0, r.stderr
     return out, json.loads((out / "quantization.json").read_text()), r.stdout
 
@@ -71,8 +72,9 @@ def test_float32_onnx_features_score_like_transreid_test(int8_table, amg_runs, t
 
 def test_static_mode_calibrates_on_training_images(amg_runs, tmp_path):
     root, data = amg_runs
-    r = run_script("-m transreid.quantize", "--config_file", TINY_ATTN, *data, "TEST.WEIGHT", root / "attn" / "best.pth",
-                   "--mode", "static", "--calib_images", "32", "--out", tmp_path / "s", *FAST)
+    r = run_script("-m transreid.quantize", "--config_file", TINY_ATTN, *data, "TEST.WEIGHT",
+                   root / "attn" / "best.pth", "--mode", "static", "--calib_images", "32", "--out", tmp_path / "s",
+                   *FAST)
     assert r.returncode == 0, r.stderr
     rows = json.loads((tmp_path / "s" / "quantization.json").read_text())
     assert [r["model"] for r in rows] == ["pruned float32", "pruned INT8 static (QDQ)"]
@@ -107,7 +109,7 @@ def test_mistakes_are_one_line_and_write_nothing(int8_table, amg_runs, tiny_tran
 def test_missing_onnxruntime_is_one_line(monkeypatch, amg_runs, tmp_path):
     from toolkit import int8
     from transreid import quantize
-    monkeypatch.setattr(int8, "onnx_available", lambda: False)
+    monkeypatch.setattr(int8, "onnx_available", lambda dynamo_exporter=True: False)
     root, data = amg_runs
     args = quantize.get_parser().parse_intermixed_args(["--config_file", TINY_HEAD, *map(str, data), "TEST.WEIGHT",
                                                         str(root / "head" / "best.pth"), "--out", str(tmp_path / "o")])
@@ -116,16 +118,15 @@ def test_missing_onnxruntime_is_one_line(monkeypatch, amg_runs, tmp_path):
     assert not (tmp_path / "o").exists()
 
 
-def test_runtime_int8_rows(tmp_path):
-    r = run_script("-m transreid.runtime", "--config_file", TINY_CFG, "--int8", "--batch_sizes", "1", "--repeats", "1",
+def test_runtime_int8_rows(amg_runs, tmp_path):
+    root, data = amg_runs
+    r = run_script("-m transreid.runtime", "--config_file", TINY_HEAD, "--checkpoint",
+                   f"amg={root / 'head' / 'best.pth'}", "--int8", "--batch_sizes", "1", "--repeats", "1",
                    "--warmup", "0", "--out", tmp_path / "t")
     assert r.returncode == 0, r.stderr
     rows = json.loads((tmp_path / "t.json").read_text())
-    names = [r["model"] for r in rows]
-    assert names[-4:] == [f"{n} int8 (onnxruntime)" for n in ("unpruned", "token 25%", "head 25%",
-                                                                "token 25% + head 25%")]
-    int8_rows = rows[-4:]
-    assert all(r["size_mb"] < o["size_mb"] for r, o in zip(int8_rows, rows[4:8]))
+    assert [r["model"] for r in rows] == ["amg", "amg (onnxruntime)", "amg int8 (onnxruntime)"]
+    assert rows[2]["size_mb"] < rows[1]["size_mb"] and rows[2]["macs"] == rows[0]["macs"]
+    assert np.isfinite([r["ms_b1"] for r in rows]).all() and rows[2]["amg_ratio"] == 1.0
     bad = run_script("-m transreid.runtime", "--config_file", TINY_CFG, "--int8", "--no_onnx")
     assert bad.returncode == 2 and "--no_onnx" in bad.stderr
-    assert np.isfinite([r["ms_b1"] for r in rows]).all()

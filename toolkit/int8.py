@@ -26,19 +26,22 @@ class QuantizationError(Exception):
     """A user-facing problem (missing onnxruntime, no calibration images); printed as one line."""
 
 
-def onnx_available() -> bool:
+def onnx_available(dynamo_exporter: bool = True) -> bool:
+    """onnxruntime and onnx, and onnxscript for torch's dynamo exporter (the legacy one needs none)."""
     try:
+        import onnx  # noqa: F401
         import onnxruntime  # noqa: F401
-        import onnxscript  # noqa: F401
+        if dynamo_exporter:
+            import onnxscript  # noqa: F401
         return True
     except ImportError:
         return False
 
 
-def require_onnx() -> None:
-    if not onnx_available():
-        raise QuantizationError("INT8 quantization needs onnxruntime, onnx and onnxscript "
-                                "(pip install -r requirements.txt)")
+def require_onnx(dynamo_exporter: bool = True) -> None:
+    if not onnx_available(dynamo_exporter):
+        raise QuantizationError("INT8 quantization needs onnxruntime and onnx" +
+                                (" and onnxscript" if dynamo_exporter else "") + " (pip install -r requirements.txt)")
 
 
 @contextmanager

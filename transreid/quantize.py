@@ -147,7 +147,7 @@ def main(args: argparse.Namespace) -> list[dict]:
         raise ConfigError("TEST.WEIGHT is empty: name the (pruned) checkpoint to quantize")
     if args.mode == "dynamic" and args.calib_images is not None:
         raise QuantizationError("--calib_images is for --mode static (dynamic quantization needs no calibration)")
-    int8.require_onnx()
+    int8.require_onnx(dynamo_exporter=False)
     out = Path(args.out)
     check_out(out, args.overwrite, [p for p in (cfg.TEST.WEIGHT, args.unpruned) if p])
     if args.threads:

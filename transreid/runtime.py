@@ -113,7 +113,8 @@ def get_parser() -> argparse.ArgumentParser:
     p.add_argument("--threads", type=cli.positive_int, default=None, help="CPU threads (default: torch's choice)")
     p.add_argument("--no_onnx", action="store_true", help="skip the ONNX Runtime rows")
     p.add_argument("--int8", action="store_true",
-                   help="also time every model dynamically quantized to INT8 under ONNX Runtime (see transreid.quantize)")
+                   help="also time every model dynamically quantized to INT8 under ONNX Runtime "
+                        "(see transreid.quantize)")
     p.add_argument("--out", default=None, help="also write the table as OUT.csv and OUT.json")
     return p
 

@@ -79,7 +79,8 @@ def check_config(cfg: CfgNode) -> None:
     _require(cfg.DATASETS.NAMES in DATASETS, f"DATASETS.NAMES {cfg.DATASETS.NAMES!r} is not one of "
                                               f"{', '.join(DATASETS)}")
     for key, value, off in (("MODEL.IF_WITH_CENTER", m.IF_WITH_CENTER, "no"), ("MODEL.COS_LAYER", m.COS_LAYER, False),
-                            ("MODEL.SIE_VIEW", m.SIE_VIEW, False), ("MODEL.NECK", m.NECK, "bnneck"), ("MODEL.ID_LOSS_TYPE", m.ID_LOSS_TYPE, "softmax"),
+                            ("MODEL.SIE_VIEW", m.SIE_VIEW, False), ("MODEL.NECK", m.NECK, "bnneck"),
+                            ("MODEL.ID_LOSS_TYPE", m.ID_LOSS_TYPE, "softmax"),
                             ("MODEL.METRIC_LOSS_TYPE", m.METRIC_LOSS_TYPE, "triplet"),
                             ("DATALOADER.SAMPLER", cfg.DATALOADER.SAMPLER, "softmax_triplet"),
                             ("SOLVER.WARMUP_METHOD", s.WARMUP_METHOD, "linear")):
