@@ -199,6 +199,8 @@ def read_msmt_list(path: Path) -> list[str]:
         if len(parts) != 2 or not parts[1].lstrip("-").isdigit() or "/" not in parts[0]:
             raise DatasetError(f"{path}:{lineno}: malformed list line {line!r} "
                                "(expected '0000/0000_000_01_0303morning_0015_0.jpg 0')")
+        if parts[0].startswith(("/", "\\")) or ".." in Path(parts[0]).parts or ":" in parts[0]:
+            raise DatasetError(f"{path}:{lineno}: {parts[0]!r} leads outside the dataset folder")
         parse_name(parts[0], "msmt")
         rel.append(parts[0])
     return rel

@@ -24,7 +24,7 @@ import model as reid_model
 import utils
 from classification import data as cdata
 from classification import flops
-from classification.models import CIFAR_DEPTHS, ModelError, build_model, check_arch
+from classification.models import CIFAR_DEPTHS, ModelError, build_model, check_arch, conv_units
 from classification.sfp import SoftFilterMask, pruned_layers
 from classification.small import has_constants, make_small_model, zero_filters
 from dataset_layout import DatasetError
@@ -100,7 +100,27 @@ def check_recipe(r: Recipe) -> None:
 
 
 def load_checkpoint(path: str | Path) -> dict:
-    return reid_model.load_checkpoint(path, "state_dict", "a checkpoint of the classification scripts")
+    """A checkpoint of these scripts, or one of the SFP reference code (see `from_reference_layout`)."""
+    state = reid_model.load_checkpoint(path, "state_dict", "a checkpoint of the classification scripts")
+    return state if "num_classes" in state else from_reference_layout(state, path)
+
+
+def from_reference_layout(state: dict, path: str | Path) -> dict:
+    """The SFP ImageNet code's checkpoint, {epoch, arch, state_dict, best_prec1, optimizer} with DataParallel's
+    `module.` key prefix, in this package's form: the classes from fc.weight, the pruned convs from their
+    all-zero filters. (The SFP CIFAR code pickles whole model objects, which are refused on loading.)"""
+    weights = {k.removeprefix("module."): v for k, v in state["state_dict"].items()}
+    arch = state.get("arch")
+    if not isinstance(arch, str) or "fc.weight" not in weights:
+        raise ModelError(f"{path} is neither a checkpoint of these scripts nor one of the SFP reference code "
+                         "(no num_classes, or no arch and fc.weight)")
+    check_arch(arch)
+    net = build_model(arch, weights["fc.weight"].shape[0])
+    load_weights(net, {"state_dict": weights, "arch": arch}, path)
+    zeros = zero_filters(net, [u.conv for u in conv_units(net)])
+    return {"arch": arch, "num_classes": weights["fc.weight"].shape[0], "state_dict": weights,
+            "layers": [name for name, idx in zeros.items() if len(idx)],
+            "image_size": 32 if arch in CIFAR_DEPTHS else 224, "reference_layout": True}
 
 
 def load_weights(net: nn.Module, state: dict, path: str | Path) -> None:
@@ -219,6 +239,9 @@ def run(r: Recipe, overwrite: bool = False) -> dict:
     out = check_save_dir(r, overwrite)
     resume = load_checkpoint(r.resume) if r.resume else None
     sparse = load_checkpoint(r.sparse) if r.sparse else None
+    if resume is not None and resume.get("reference_layout") and not r.evaluate:
+        raise TrainingError(f"--resume {r.resume} was written by the SFP reference code: evaluate it with -e, "
+                            "shrink it with classification.get_small, or start from it with --use_sparse")
     device = distributed.setup(r.gpu_ids)
     rank, world, main = distributed.rank(), distributed.world_size(), distributed.is_main()
     utils.seed_everything(r.seed + rank)

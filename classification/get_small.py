@@ -46,6 +46,10 @@ def main(args: argparse.Namespace) -> dict:
     if out.exists() and not args.overwrite:
         raise engine.TrainingError(f"{out} exists: pass --overwrite to replace it")
     state = engine.load_checkpoint(args.resume)
+    bad = [k for k, v in state["state_dict"].items() if v.is_floating_point() and not torch.isfinite(v).all()]
+    if bad:
+        raise engine.TrainingError(f"{args.resume}: {bad[0]} holds NaN or infinite values (did training diverge?); "
+                                   "nothing was written")
     net = build_model(state["arch"], state["num_classes"])
     engine.load_weights(net, state, args.resume)
     net.eval()
@@ -56,7 +60,7 @@ def main(args: argparse.Namespace) -> dict:
     small = make_small_model(net, pruned, with_constants).eval()
     size = state.get("image_size", 32)
     diff = max_relative_difference(net, small, size)
-    if diff > TOLERANCE:
+    if not diff <= TOLERANCE:  # NaN never passes
         raise engine.TrainingError(f"the small model differs from the one with zeros by {diff:.2e} (> {TOLERANCE})")
     ckpt = small_checkpoint(state["arch"], state["num_classes"], net, small, pruned, with_constants)
     utils.save_atomic(ckpt, out)

@@ -277,3 +277,37 @@ def test_units_table_knows_every_conv():
         units = {u.conv for u in conv_units(net)}
         convs = {n for n, m in net.named_modules() if isinstance(m, torch.nn.Conv2d)}
         assert units == convs, arch
+
+
+def test_sfp_reference_imagenet_checkpoint_goes_through_get_small_exactly(tmp_path):
+    """The SFP ImageNet code saves {epoch, arch, state_dict, best_prec1, optimizer} of a DataParallel model."""
+    from classification import get_small
+    torch.manual_seed(0)
+    net = build_model("resnet18", 7)
+    for m in net.modules():  # non-trivial BN statistics, so that the pruned channels' constants matter
+        if isinstance(m, torch.nn.BatchNorm2d):
+            m.running_mean.uniform_(-0.5, 0.5)
+            m.running_var.uniform_(0.5, 2)
+    layers = pruned_layers(net, 0, 57, 3)
+    SoftFilterMask(layers, 0.7, False).step(net)
+    optimizer = torch.optim.SGD(net.parameters(), lr=0.1, momentum=0.9)
+    net(torch.randn(2, 3, 64, 64)).sum().backward()
+    optimizer.step()
+    SoftFilterMask(layers, 0.7, False).step(net)
+    reference = {"epoch": 90, "arch": "resnet18", "best_prec1": 61.2, "optimizer": optimizer.state_dict(),
+                 "state_dict": {f"module.{k}": v for k, v in net.state_dict().items()}}
+    torch.save(reference, tmp_path / "model_best.pth.tar")
+    state = engine.load_checkpoint(tmp_path / "model_best.pth.tar")
+    assert state["num_classes"] == 7 and sorted(state["layers"]) == sorted(layers)
+    out = get_small.main(get_small.get_args_parser().parse_args(
+        ["--resume", str(tmp_path / "model_best.pth.tar"), "--save_dir", str(tmp_path / "small")]))
+    assert out["difference"] <= 1e-5 and out["small_macs"] < out["macs"]
+    small = load_small(torch.load(tmp_path / "small" / "small.pth", weights_only=True)).eval()
+    x = torch.randn(2, 3, 224, 224, generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        expected, got = net.eval()(x), small(x)
+    assert float((got - expected).abs().max() / expected.abs().max()) <= 1e-5
+    with pytest.raises(engine.TrainingError, match="SFP reference code"):
+        engine.run(engine.Recipe(data=str(tmp_path), arch="resnet18", save_dir=str(tmp_path / "go"), epochs=1,
+                                 batch_size=2, lr=0.1, momentum=0.9, weight_decay=0, nesterov=True, workers=0, seed=0,
+                                 resume=str(tmp_path / "model_best.pth.tar")))

@@ -103,6 +103,10 @@ def test_missing_dataset_folder(tmp_path):
     (lambda root: (root / "list_gallery.txt").write_text("0000/0000_c1_f01.jpg 0\n"), "malformed re-ID image name"),
     (lambda root: (root / "list_train.txt").write_text("0999/0999_000_01_0303morning_0015_0.jpg 0\n"),
      "does not exist"),
+    (lambda root: (root / "list_train.txt").write_text("../../0000/0000_000_01_0303morning_0015_0.jpg 0\n"),
+     "leads outside the dataset folder"),
+    (lambda root: (root / "list_query.txt").write_text(f"{root}/test/0000_000_01_0303morning_0015_0.jpg 0\n"),
+     "leads outside the dataset folder"),
 ])
 def test_msmt_errors(tmp_path, break_it, message):
     root = tmp_path / "MSMT17_V1"
@@ -111,3 +115,4 @@ def test_msmt_errors(tmp_path, break_it, message):
     res = run_script("prepare_msmt.py", "--data_dir", root)
     assert res.returncode == 2, res.stdout
     assert message in res.stderr and "Traceback" not in res.stderr
+    assert not (root / "pytorch").exists()

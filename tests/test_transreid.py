@@ -247,3 +247,55 @@ def test_two_ranks_of_batch_b_equal_one_process_of_batch_2b(tmp_path):
     assert set(single["grads"]) == set(ddp["grads"])
     for name, g in single["grads"].items():
         assert torch.allclose(ddp["grads"][name], g, rtol=1e-4, atol=1e-6), name
+
+
+@pytest.mark.parametrize("prefix", ["", "module."])
+def test_official_transreid_state_dict_with_its_imagenet_head_loads(tmp_path, prefix):
+    """What TransReID's train loop saves: a bare state dict with its own neck names and base.fc.* (the unused
+    1000-way head its backbone always builds), under DataParallel also `module.`-prefixed."""
+    cfg = load_config(TINY_CFG, [])
+    torch.manual_seed(0)
+    model = tr.make_model(cfg, 5, 3).eval()
+    names = {"bottlenecks.0.": "bottleneck.", "classifiers.0.": "classifier.",
+             **{f"{n}s.{i}.": f"{n}_{i}." for n in ("bottleneck", "classifier") for i in range(1, 5)}}
+    official = {}
+    for key, value in model.state_dict().items():
+        for ours, theirs in names.items():
+            if key.startswith(ours):
+                key = theirs + key[len(ours):]
+        official[prefix + key] = value
+    official[prefix + "base.fc.weight"], official[prefix + "base.fc.bias"] = torch.randn(1000, 64), torch.zeros(1000)
+    torch.save(official, tmp_path / "transformer_120.pth")
+    torch.save(tr.checkpoint(model), tmp_path / "ours.pth")
+    x, cams = torch.randn(3, 3, 64, 32), torch.tensor([0, 1, 2])
+    feats = []
+    for name in ("transformer_120.pth", "ours.pth"):
+        rebuilt = tr.model_from_checkpoint(cfg, tr.read_reid_checkpoint(tmp_path / name), tmp_path / name).eval()
+        with torch.no_grad():
+            feats.append(rebuilt(x, cams))
+    assert torch.equal(feats[0], feats[1])
+
+
+def test_outputs_never_replace_the_checkpoint_or_an_existing_file(tiny_transreid_run, synthetic_occ_duke, tmp_path):
+    weight = tiny_transreid_run / "transformer_2.pth"
+    digest = weight.read_bytes()
+    (tmp_path / "old.json").write_text("{}")
+    common = ["--config_file", TINY_CFG, "DATASETS.ROOT_DIR", synthetic_occ_duke, "TEST.WEIGHT", weight]
+    for args, words in ((["--mat", weight], "is TEST.WEIGHT"), (["--json", tmp_path / "old.json"], "--overwrite"),
+                        (["--mat", tmp_path], "is a folder")):
+        r = run_script("-m transreid.test", *common, *args)
+        lines = r.stderr.strip().splitlines()
+        assert r.returncode == 2 and len(lines) == 1 and words in lines[0], (args, r.stderr)
+    assert weight.read_bytes() == digest and (tmp_path / "old.json").read_text() == "{}"
+    r = run_script("-m transreid.test", *common, "--json", tmp_path / "old.json", "--overwrite")
+    assert r.returncode == 0 and "mAP" in json.loads((tmp_path / "old.json").read_text())
+
+
+@pytest.mark.parametrize("text,words", [("- a\n- b\n", "top level, not a list"),
+                                        ("MODEL:\n  STRIDE_SIZE: [20, 8]\n", "must not exceed the 16-pixel patch"),
+                                        ("INPUT:\n  PADDING: -1\n", "INPUT.PADDING"),
+                                        ("SOLVER:\n  SEED: -5\n", "SOLVER.SEED")])
+def test_config_values_out_of_range_are_refused(tmp_path, text, words):
+    (tmp_path / "c.yml").write_text(text)
+    with pytest.raises(ConfigError, match=words):
+        load_config(str(tmp_path / "c.yml"), [])

@@ -398,6 +398,8 @@ def read_reid_checkpoint(path: str | Path, what: str = "checkpoint") -> dict:
     state = {}
     for key, value in ckpt["state_dict"].items():
         key = key.removeprefix("module.")
+        if key.startswith("base.fc."):  # TransReID's backbone always builds an unused 1000-way ImageNet head
+            continue
         for old, new in _REFERENCE_KEYS:
             if key.startswith(old):
                 key = new + key[len(old):]

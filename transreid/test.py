@@ -28,6 +28,7 @@ def main(args: argparse.Namespace) -> dict:
     cfg = load_config(args.config_file, args.opts)
     if not cfg.TEST.WEIGHT:
         raise ConfigError("TEST.WEIGHT is empty: name the checkpoint to test, e.g. TEST.WEIGHT ./logs/run/best.pth")
+    check_outputs(args, cfg.TEST.WEIGHT)
     ckpt = read_reid_checkpoint(cfg.TEST.WEIGHT, "TEST.WEIGHT")
     device = processor.select_device(cfg)
     splits = read_dataset(cfg)
@@ -61,6 +62,19 @@ def main(args: argparse.Namespace) -> dict:
     return metrics
 
 
+def check_outputs(args: argparse.Namespace, weight: str) -> None:
+    """No output file may name the checkpoint, and an existing one is replaced only with --overwrite."""
+    for flag, out in (("--mat", args.mat), ("--json", args.json), ("--export_onnx", args.export_onnx)):
+        if out is None:
+            continue
+        if Path(out).resolve() == Path(weight).resolve():
+            raise ConfigError(f"{flag} {out} is TEST.WEIGHT, the checkpoint being tested")
+        if Path(out).is_dir():
+            raise ConfigError(f"{flag} {out} is a folder")
+        if Path(out).exists() and not args.overwrite:
+            raise ConfigError(f"{flag} {out} already exists: pass --overwrite to replace it")
+
+
 def get_parser() -> argparse.ArgumentParser:
     p = get_args_parser(__doc__.splitlines()[0])
     p.add_argument("--mat", type=Path, default=None,
@@ -69,6 +83,7 @@ def get_parser() -> argparse.ArgumentParser:
     p.add_argument("--export_onnx", type=Path, default=None,
                    help="also export the (pruned) model's test feature as ONNX to this file and check it under ONNX "
                         "Runtime")
+    p.add_argument("--overwrite", action="store_true", help="replace existing --mat, --json or --export_onnx files")
     p.add_argument("--explicit_attention", action="store_true",
                    help="compute attention as softmax(q.k) instead of scaled_dot_product_attention (same features)")
     return p

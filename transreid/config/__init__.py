@@ -5,6 +5,7 @@ import argparse
 import math
 from pathlib import Path
 
+import yaml
 from yacs.config import CfgNode
 
 import cli
@@ -42,6 +43,10 @@ def load_config(config_file: str, opts: list[str]) -> CfgNode:
         if config_file:
             if not Path(config_file).is_file():
                 raise ConfigError(f"config file {config_file} does not exist")
+            top = yaml.safe_load(Path(config_file).read_text())
+            if top is not None and not isinstance(top, dict):
+                raise ConfigError(f"{config_file} must hold KEY: value mappings at its top level, not a "
+                                  f"{type(top).__name__}")
             cfg.merge_from_file(config_file)
         if len(opts) % 2:
             raise ConfigError(f"config overrides come in KEY VALUE pairs; {opts[-1]!r} has no value")
@@ -128,3 +133,10 @@ def check_config(cfg: CfgNode) -> None:
              "FINETUNE.PRUNE_MODE 'head' needs FINETUNE.HEAD_RANK (one score per head of each prunable layer) and "
              "FINETUNE.ITER_NUM 1 (the ranks name the heads of the starting model)")
     _require(cfg.OUTPUT_DIR != "", "OUTPUT_DIR must name a folder")
+    _require(all(v <= 16 for v in m.STRIDE_SIZE),
+             f"MODEL.STRIDE_SIZE {list(m.STRIDE_SIZE)} must not exceed the 16-pixel patch (gaps would skip pixels)")
+    _require(isinstance(s.SEED, int) and 0 <= s.SEED < 2 ** 32, f"SOLVER.SEED must be an integer in [0, 2^32), "
+                                                                  f"got {s.SEED}")
+    _require(isinstance(i.PADDING, int) and 0 <= i.PADDING < min(i.SIZE_TRAIN),
+             f"INPUT.PADDING must be a whole number of pixels in [0, {min(i.SIZE_TRAIN)}) (smaller than the crop), "
+             f"got {i.PADDING}")
