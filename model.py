@@ -6,6 +6,8 @@ State-dict keys match the reference (`model.layer1.0.conv1.weight`, `classifier.
 from __future__ import annotations
 
 import os
+import pickle
+import re
 from pathlib import Path
 
 import torch
@@ -127,9 +129,16 @@ def load_checkpoint(path: str | os.PathLike, required_key: str | None = "classif
         raise ModelError(f"{what} {path} does not exist")
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as e:  # torch's text advises weights_only=False: never repeated here
+        found = re.search(r"Unsupported global: GLOBAL ([\w.]+)", str(e))
+        if found:
+            raise ModelError(f"{what} {path} pickles Python objects ({found.group(1)}; the SFP CIFAR code saves whole "
+                             "models so): only tensors and plain values are loaded, nothing in it ran") from None
+        raise ModelError(f"{what} {path} is corrupt or not a state dict (not a file of tensors and plain "
+                         "values)") from None
     except Exception as e:
         raise ModelError(f"{what} {path} is corrupt or not a state dict ({type(e).__name__}: "
-                         f"{str(e).splitlines()[0] if str(e) else ''})") from None
+                         f"{str(e).splitlines()[0][:120] if str(e) else ''})") from None
     if not isinstance(state, dict) or (required_key is not None and required_key not in state):
         raise ModelError(f"{what} {path} is not {kind}")
     return state

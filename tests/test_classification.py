@@ -311,3 +311,15 @@ def test_sfp_reference_imagenet_checkpoint_goes_through_get_small_exactly(tmp_pa
         engine.run(engine.Recipe(data=str(tmp_path), arch="resnet18", save_dir=str(tmp_path / "go"), epochs=1,
                                  batch_size=2, lr=0.1, momentum=0.9, weight_decay=0, nesterov=True, workers=0, seed=0,
                                  resume=str(tmp_path / "model_best.pth.tar")))
+
+
+def test_sfp_cifar_whole_model_pickles_are_refused_in_one_line(tmp_path):
+    """The SFP CIFAR code saves the model object itself: never unpickled, and torch's weights_only=False advice
+    is not passed on."""
+    torch.save({"epoch": 1, "arch": "resnet20", "state_dict": build_model("resnet20", 10), "recorder": None},
+               tmp_path / "checkpoint.pth.tar")
+    import model as reid_model
+    with pytest.raises(reid_model.ModelError, match="pickles Python objects") as info:
+        engine.load_checkpoint(tmp_path / "checkpoint.pth.tar")
+    message = str(info.value).replace(str(tmp_path), "")
+    assert "weights_only" not in message and "\n" not in message and len(message) < 200
