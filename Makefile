@@ -22,11 +22,13 @@ bench: $(STAMP)
 	$(PY) benchmarks/bench_eval.py
 	$(PY) benchmarks/bench_pruner.py
 	$(PY) benchmarks/bench_small.py
+	$(PY) benchmarks/bench_rerank.py
 
 # ViT-B at 256x128 on the CPU: about 5 minutes each on 2 cores
 bench-vit: $(STAMP)
 	$(PY) benchmarks/bench_vit.py
 	$(PY) benchmarks/bench_amg.py --onnx
+	$(PY) benchmarks/bench_amg.py --int8
 
 clean-demo:
 	rm -rf datasets/synthetic/Market results/ft_resnet18/demo_bafd results/ft_resnet18/demo_untrained results/summary
