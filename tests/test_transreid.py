@@ -291,11 +291,25 @@ def test_outputs_never_replace_the_checkpoint_or_an_existing_file(tiny_transreid
     assert r.returncode == 0 and "mAP" in json.loads((tmp_path / "old.json").read_text())
 
 
-@pytest.mark.parametrize("text,words", [("- a\n- b\n", "top level, not a list"),
-                                        ("MODEL:\n  STRIDE_SIZE: [20, 8]\n", "must not exceed the 16-pixel patch"),
-                                        ("INPUT:\n  PADDING: -1\n", "INPUT.PADDING"),
-                                        ("SOLVER:\n  SEED: -5\n", "SOLVER.SEED")])
-def test_config_values_out_of_range_are_refused(tmp_path, text, words):
-    (tmp_path / "c.yml").write_text(text)
+@pytest.mark.parametrize("text,opts,words", [
+    ("- a\n- b\n", [], "top level, not a list"),
+    (None, ["MODEL.STRIDE_SIZE", "[20, 8]"], "must not exceed the 16-pixel patch"),
+    (None, ["INPUT.PADDING", "-1"], "INPUT.PADDING"), (None, ["SOLVER.SEED", "-5"], "SOLVER.SEED"),
+    (None, ["INPUT.SIZE_TEST", "[128, 64]"], "gives a 15x7 patch grid"),
+    (None, ["MODEL.DEVIDE_LENGTH", "30"], "smaller than the 21 patch tokens"),
+    (None, ["MODEL.SHIFT_NUM", "21"], "smaller than the 21 patch tokens")])
+def test_config_values_out_of_range_are_refused(tmp_path, text, opts, words):
+    path = TINY_CFG
+    if text is not None:
+        path = tmp_path / "c.yml"
+        path.write_text(text)
     with pytest.raises(ConfigError, match=words):
-        load_config(str(tmp_path / "c.yml"), [])
+        load_config(str(path), opts)
+
+
+def test_every_shipped_config_is_valid():
+    from pathlib import Path
+    files = sorted(Path("transreid/configs").glob("*/*.yml"))
+    assert len(files) >= 17
+    for f in files:
+        load_config(str(f), [])

@@ -130,3 +130,7 @@ def test_runtime_int8_rows(amg_runs, tmp_path):
     assert np.isfinite([r["ms_b1"] for r in rows]).all() and rows[2]["amg_ratio"] == 1.0
     bad = run_script("-m transreid.runtime", "--config_file", TINY_CFG, "--int8", "--no_onnx")
     assert bad.returncode == 2 and "--no_onnx" in bad.stderr
+    twice = [f"amg={root / 'head' / 'best.pth'}"] * 2
+    bad = run_script("-m transreid.runtime", "--config_file", TINY_HEAD, "--checkpoint", twice[0], "--checkpoint",
+                     twice[1])
+    assert bad.returncode == 2 and "names 'amg' twice" in bad.stderr

@@ -49,6 +49,8 @@ def variants(cfg, args: argparse.Namespace) -> dict[str, TransReID]:
             name, sep, path = item.partition("=")
             if not sep:
                 raise ConfigError(f"--checkpoint {item!r}: write NAME=PATH")
+            if name in models:
+                raise ConfigError(f"--checkpoint names {name!r} twice: every row needs its own NAME")
             models[name] = model_from_checkpoint(cfg, read_reid_checkpoint(path, "--checkpoint"), path).eval()
         return models
     t, h = args.token_rate, args.head_rate

@@ -74,6 +74,11 @@ def _pair(value, key: str) -> None:
              f"{key} must be two positive integers (height, width), got {list(value)}")
 
 
+def patch_grid(size, stride) -> tuple[int, int]:
+    """Rows and columns of 16-pixel patches taken every `stride` pixels (as the model's PatchEmbed)."""
+    return tuple((v - 16) // st + 1 for v, st in zip(size, stride))
+
+
 def check_config(cfg: CfgNode) -> None:
     """Every value the code relies on, checked once before any work."""
     m, s, i, t, f = cfg.MODEL, cfg.SOLVER, cfg.INPUT, cfg.TEST, cfg.FINETUNE
@@ -133,6 +138,16 @@ def check_config(cfg: CfgNode) -> None:
              "FINETUNE.PRUNE_MODE 'head' needs FINETUNE.HEAD_RANK (one score per head of each prunable layer) and "
              "FINETUNE.ITER_NUM 1 (the ranks name the heads of the starting model)")
     _require(cfg.OUTPUT_DIR != "", "OUTPUT_DIR must name a folder")
+    train_grid, test_grid = patch_grid(i.SIZE_TRAIN, m.STRIDE_SIZE), patch_grid(i.SIZE_TEST, m.STRIDE_SIZE)
+    _require(train_grid == test_grid,
+             f"INPUT.SIZE_TEST {list(i.SIZE_TEST)} gives a {test_grid[0]}x{test_grid[1]} patch grid, but the position "
+             f"embedding is made for INPUT.SIZE_TRAIN {list(i.SIZE_TRAIN)}'s {train_grid[0]}x{train_grid[1]}")
+    patches = train_grid[0] * train_grid[1]
+    if m.JPM:
+        for key, value in (("MODEL.SHIFT_NUM", m.SHIFT_NUM), ("MODEL.SHUFFLE_GROUP", m.SHUFFLE_GROUP),
+                           ("MODEL.DEVIDE_LENGTH", m.DEVIDE_LENGTH)):
+            _require(value < patches, f"{key} {value} must be smaller than the {patches} patch tokens "
+                                      f"(INPUT.SIZE_TRAIN {list(i.SIZE_TRAIN)} at stride {list(m.STRIDE_SIZE)})")
     _require(all(v <= 16 for v in m.STRIDE_SIZE),
              f"MODEL.STRIDE_SIZE {list(m.STRIDE_SIZE)} must not exceed the 16-pixel patch (gaps would skip pixels)")
     _require(isinstance(s.SEED, int) and 0 <= s.SEED < 2 ** 32, f"SOLVER.SEED must be an integer in [0, 2^32), "
