@@ -6,13 +6,14 @@ from __future__ import annotations
 
 import argparse
 import math
-import re
-import sys
 from pathlib import Path
 from typing import Any, Callable
 
+from toolkit import errors
+from toolkit.errors import UserError, one_line  # noqa: F401  (re-exported)
 
-class UsageError(Exception):
+
+class UsageError(UserError):
     """A flag, or a combination of flags, that asks for something this tool will not do."""
 
 
@@ -69,28 +70,9 @@ def refuse_existing_output(out: Path, overwrite: bool, resume: bool, resume_mean
 
 def fail(message: str, code: int = 2) -> None:
     """Stop a script with a one-line error (a user mistake is not a traceback)."""
-    print(f"error: {one_line(message)}", file=sys.stderr)
-    sys.exit(code)
+    errors.fail(message, code)
 
 
-def one_line(message: str) -> str:
-    """The message itself when an error comes back from a DataLoader worker wrapped in its traceback."""
-    lines = [line for line in str(message).splitlines() if line.strip()]
-    if len(lines) > 1 and "Original Traceback" in str(message):
-        name, _, text = lines[-1].partition(": ")  # "dataset_layout.DatasetError: cannot read ..."
-        return text if text and re.fullmatch(r"[\w.]+", name) else lines[-1]
-    return " ".join(line.strip() for line in lines)
-
-
-def run_main(main: Callable[[Any], Any], args: Any, user_errors: tuple[type[Exception], ...]) -> None:
-    """Call main(args), turning the expected user errors, and the operating system's refusals (a
-    read-only folder, a full disk), into one-line messages."""
-    try:
-        main(args)
-    except user_errors + (UsageError,) as e:
-        fail(str(e))
-    except OSError as e:
-        where = f"{e.filename}: " if e.filename else ""
-        fail(f"{where}{e.strerror or e}")
-    except KeyboardInterrupt:
-        fail("interrupted", 130)
+def run_main(main: Callable[[Any], Any], args: Any, user_errors: tuple[type[Exception], ...] = ()) -> None:
+    """toolkit.errors.run_main: every UserError (and `user_errors`) becomes one `error:` line, exit 2."""
+    errors.run_main(main, args, user_errors)

@@ -13,6 +13,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterable
 
+from toolkit.errors import UserError
+
 # the suffixes real re-ID releases use (Market/Duke/MSMT .jpg, CUHK01/CUHK03/PRID .png, VIPeR .bmp)
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp")
 _IMAGE = r"\.(?:jpg|jpeg|png|bmp|JPG|JPEG|PNG|BMP)$"
@@ -33,7 +35,7 @@ def is_image(path: Path) -> bool:
     return path.suffix.lower() in IMAGE_SUFFIXES
 
 
-class DatasetError(Exception):
+class DatasetError(UserError):
     """A user-facing problem with a dataset (missing folder, malformed name); printed as one line."""
 
 

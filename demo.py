@@ -112,8 +112,13 @@ def summary(runs: Path) -> None:
     print(f"plot: {runs.parent / 'summary' / 'mAP_vs_MACs_Market.png'}")
 
 
-if __name__ == "__main__":
+def run_demo(args: argparse.Namespace) -> None:
     try:
-        main(get_args_parser().parse_args())
-    except subprocess.CalledProcessError as e:
-        sys.exit(f"demo step failed with exit code {e.returncode}: {' '.join(map(str, e.cmd[1:]))}")
+        main(args)
+    except subprocess.CalledProcessError as e:  # the step printed its own error line above
+        raise cli.UsageError(f"demo step failed with exit code {e.returncode}: {' '.join(map(str, e.cmd[1:]))}") \
+            from None
+
+
+if __name__ == "__main__":
+    cli.run_main(run_demo, get_args_parser().parse_args())

@@ -21,7 +21,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import sys
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -235,11 +234,4 @@ def draw_ranks(q: tuple, g: tuple, paths: tuple[list[str], list[str]], per_query
 
 
 if __name__ == "__main__":
-    try:
-        main(get_args_parser().parse_args())
-    except EvaluationError as e:
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(2)
-    except KeyboardInterrupt:
-        print("error: interrupted", file=sys.stderr)
-        sys.exit(130)
+    cli.run_main(main, get_args_parser().parse_args())

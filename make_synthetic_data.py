@@ -271,4 +271,4 @@ def main(args: argparse.Namespace) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main(get_args_parser().parse_args()))
+    cli.run_main(lambda args: sys.exit(main(args)), get_args_parser().parse_args())

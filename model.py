@@ -14,6 +14,8 @@ import torch
 import torchvision
 from torch import nn
 
+from toolkit.errors import UserError
+
 ARCHS = ("resnet18", "resnet34", "resnet50")
 FEATURE_DIM = {"resnet18": 512, "resnet34": 512, "resnet50": 2048}
 IMAGENET_WEIGHTS = {"resnet18": torchvision.models.ResNet18_Weights.IMAGENET1K_V1,
@@ -23,7 +25,7 @@ IMAGENET_WEIGHTS = {"resnet18": torchvision.models.ResNet18_Weights.IMAGENET1K_V
                     "resnet152": torchvision.models.ResNet152_Weights.IMAGENET1K_V1}
 
 
-class ModelError(Exception):
+class ModelError(UserError):
     """A user-facing problem loading a model or its weights; printed as one line."""
 
 

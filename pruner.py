@@ -16,12 +16,14 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
+from toolkit.errors import UserError
+
 CRITERIA = ("l1", "l2", "fpgm", "bafd")
 BLOCKS = {"resnet18": [2, 2, 2, 2], "resnet34": [3, 4, 6, 3], "resnet50": [3, 4, 6, 3]}
 ISCLOSE_RTOL, ISCLOSE_ATOL = 1e-5, 1e-8
 
 
-class PruneError(Exception):
+class PruneError(UserError):
     """A user-facing problem with pruning arguments; printed as one line."""
 
 

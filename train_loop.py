@@ -26,6 +26,7 @@ import losses as losses_lib
 import model as model_lib
 import utils
 from dataset_layout import DatasetError
+from toolkit.errors import UserError
 
 
 class EpochEndHook:
@@ -117,7 +118,7 @@ PIPELINE_UNUSED_FLAGS = {"--name": "not used (outputs go to --out)", "--results_
                          "--pretrained": "not used (--checkpoint gives the weights)", "--no_pretrained": "not used"}
 
 
-class TrainingError(Exception):
+class TrainingError(UserError):
     """Training cannot go on (a non-finite loss, a run folder that would be overwritten, a resume that
     does not fit the command line); printed as one line."""
 

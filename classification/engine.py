@@ -28,9 +28,10 @@ from classification.models import CIFAR_DEPTHS, ModelError, build_model, check_a
 from classification.sfp import SoftFilterMask, pruned_layers
 from classification.small import has_constants, make_small_model, zero_filters
 from dataset_layout import DatasetError
+from toolkit.errors import UserError
 
 
-class TrainingError(Exception):
+class TrainingError(UserError):
     """Training cannot go on (a non-finite loss, a run that would be overwritten); printed as one line."""
 
 

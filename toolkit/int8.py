@@ -17,12 +17,13 @@ from typing import Iterator
 import numpy as np
 
 from atomic_io import atomic_path
+from toolkit.errors import UserError
 
 MODES = ("dynamic", "static")
 MATRIX_OPS = ["MatMul", "Gemm", "Conv"]
 
 
-class QuantizationError(Exception):
+class QuantizationError(UserError):
     """A user-facing problem (missing onnxruntime, no calibration images); printed as one line."""
 
 

@@ -13,13 +13,15 @@ from typing import Callable
 
 import numpy as np
 
+from toolkit.errors import UserError
+
 INT64_MAX = np.iinfo(np.int64).max
 CHUNK_ELEMENTS = 1 << 25  # query x gallery scores per chunk (128 MB of float32; big chunks keep the GEMM efficient)
 RESULT_KEYS = ("gallery_f", "gallery_label", "gallery_cam", "query_f", "query_label", "query_cam")
 PATH_KEYS = ("query_path", "gallery_path")  # optional: the image files, for pictures of rank lists
 
 
-class EvaluationError(Exception):
+class EvaluationError(UserError):
     """A user-facing problem with the result files; printed as one line."""
 
 

@@ -16,6 +16,7 @@ from tqdm import tqdm
 
 import distributed
 import utils
+from toolkit.errors import UserError
 from toolkit.ranking import EvaluationError, evaluate
 from transreid.config import ConfigError
 
@@ -23,7 +24,7 @@ from transreid.config import ConfigError
 RESUME_FREE = ("MODEL.DEVICE", "MODEL.DEVICE_ID", "DATALOADER.NUM_WORKERS", "TEST.", "SOLVER.LOG_PERIOD")
 
 
-class RunError(Exception):
+class RunError(UserError):
     """A run that cannot go on (diverged loss, existing run folder, unusable resume file); one line."""
 
 

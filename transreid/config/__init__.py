@@ -9,6 +9,7 @@ import yaml
 from yacs.config import CfgNode
 
 import cli
+from toolkit.errors import UserError
 from transreid.config.defaults import _C
 
 ARCHS = ("vit_base_patch16_224_TransReID", "vit_small_patch16_224_TransReID", "vit_tiny_TransReID")
@@ -16,7 +17,7 @@ DATASETS = {"market1501": "market1501", "occ_duke": "Occluded_Duke"}  # DATASETS
 PRUNE_MODES = ("attn", "head_entropy", "head", "random")
 
 
-class ConfigError(Exception):
+class ConfigError(UserError):
     """A wrong config file, key or value; printed as one line."""
 
 
