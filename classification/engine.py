@@ -249,8 +249,10 @@ def run(r: Recipe, overwrite: bool = False) -> dict:
     train_set, test_set, num_classes = datasets(r)
     test_loader = cdata.make_loader(test_set, r.batch_size, False, r.workers, r.seed, rank, world,
                                     device.type == "cuda")
-    torch.manual_seed(r.seed)
+    torch.manual_seed(r.seed)  # the same initial model on every rank
     net = build_model(r.arch, num_classes, r.pretrained).to(device)
+    if rank:  # augmentation differs per rank; rank 0 goes on with the stream a single process uses
+        torch.manual_seed(r.seed + rank)
     for state, path in ((resume, r.resume), (sparse, r.sparse)):
         if state is not None:
             load_weights(net, state, path)
@@ -270,7 +272,9 @@ def run(r: Recipe, overwrite: bool = False) -> dict:
     if resume is not None and "optimizer" in resume:
         optimizer.load_state_dict(resume["optimizer"])
         start, history, best = resume["epoch"], resume["history"], resume["best"]
-        utils.set_rng_state(resume["rng"])
+        saved = resume["rng"]  # one state per rank (a file written before that holds rank 0's only)
+        utils.set_rng_state(saved[rank] if isinstance(saved, list) and rank < len(saved) else
+                            saved[0] if isinstance(saved, list) else saved)
     elif mask is not None:  # SFP masks once before training
         mask.step(net)
         distributed.broadcast_module(net)
@@ -292,6 +296,7 @@ def run(r: Recipe, overwrite: bool = False) -> dict:
                 mask.step(net)
             distributed.broadcast_module(net)
         metrics = evaluate(model, test_loader, device)
+        rng = distributed.all_gather_object(utils.rng_state())  # every rank's own state, for --resume
         if not main:
             continue
         history.append({"epoch": epoch + 1, "lr": lr, **stats, **metrics})
@@ -302,7 +307,7 @@ def run(r: Recipe, overwrite: bool = False) -> dict:
         print(f"epoch {epoch + 1}/{r.epochs} lr {lr:.4g} loss {stats['loss']:.4f} train {stats['train_top1']:.2f}% "
               f"| test top-1 {metrics['top1']:.2f}% top-5 {metrics['top5']:.2f}%{' after masking' if mask else ''} "
               f"| best {best['top1']:.2f}% (epoch {best['epoch']}) {stats['seconds']:.1f}s", flush=True)
-        utils.save_atomic(checkpoint(net, r, num_classes, layers, epoch + 1, optimizer, history, best),
+        utils.save_atomic(checkpoint(net, r, num_classes, layers, epoch + 1, optimizer, history, best, rng),
                           out / "checkpoint.pth")
         write_log(history, out / "log.csv")
     result = finish(net, r, layers, history, best, out) if main and history else {}
@@ -311,13 +316,13 @@ def run(r: Recipe, overwrite: bool = False) -> dict:
 
 
 def checkpoint(net: nn.Module, r: Recipe, num_classes: int, layers: list[str], epoch: int, optimizer,
-               history: list[dict], best: dict) -> dict:
+               history: list[dict], best: dict, rng: list[dict] | None = None) -> dict:
     """Tensors and plain values only (loads with weights_only=True); the recipe comes along for get_small."""
     state = {"arch": r.arch, "num_classes": num_classes, "state_dict": net.state_dict(), "epoch": epoch,
              "layers": layers, "rate": r.rate if r.prune else 1.0, "prune_bn": r.prune_bn, "history": history,
              "best": best, "image_size": 32 if r.cifar else r.image_size}
     if optimizer is not None:
-        state.update(optimizer=optimizer.state_dict(), rng=utils.rng_state())
+        state.update(optimizer=optimizer.state_dict(), rng=rng if rng is not None else [utils.rng_state()])
     return state
 
 

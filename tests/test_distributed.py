@@ -101,3 +101,22 @@ def test_two_ranks_of_batch_b_equal_one_process_of_batch_2b(tmp_path):
     assert set(single["grads"]) == set(ddp["grads"])
     for name, g in single["grads"].items():
         assert torch.allclose(ddp["grads"][name], g, rtol=1e-4, atol=1e-6), name
+
+
+def test_two_process_classification_resume_equals_uninterrupted(tmp_path):
+    """Each rank keeps its own RNG state in checkpoint.pth: stopped after epoch 1 and resumed, a 2-process SFP
+    run ends with the same weights, bit for bit, as the uninterrupted 2-process run."""
+    from classification.synthetic import write_cifar10
+    write_cifar10(tmp_path / "data", per_class=12, seed=0)
+    argv = ["-m", "classification.pruning_cifar10_resnet", tmp_path / "data", "--arch", "resnet20", "--schedule", "1",
+            "--gammas", "1", "--learning_rate", "0.05", "--batch_size", "8", "--rate", "0.7", "--layer_begin", "0",
+            "--layer_end", "54", "--layer_inter", "3", "--workers", "0"]
+    runs = [("full", ["--epochs", "2"]), ("half", ["--epochs", "1"]),
+            ("half", ["--epochs", "2", "--resume", tmp_path / "half" / "checkpoint.pth"])]
+    for folder, extra in runs:
+        res = torchrun(*argv, "--save_path", tmp_path / folder, *extra)
+        assert res.returncode == 0, res.stdout[-2000:] + res.stderr[-2000:]
+    a, b = (torch.load(tmp_path / f / "checkpoint.pth", weights_only=True) for f in ("full", "half"))
+    assert len(a["rng"]) == 2 and not torch.equal(a["rng"][0]["torch"], a["rng"][1]["torch"])
+    assert a["epoch"] == b["epoch"] == 2
+    assert all(torch.equal(a["state_dict"][k], b["state_dict"][k]) for k in a["state_dict"])
