@@ -11,6 +11,7 @@ import csv
 import io
 import json
 import math
+import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -231,7 +232,33 @@ def check_save_dir(r: Recipe, overwrite: bool) -> Path:
     if not r.evaluate and (out / "checkpoint.pth").is_file() and not (overwrite or resuming_here):
         raise TrainingError(f"{out} already holds a run: pass --resume {out / 'checkpoint.pth'} to continue it, "
                             "--overwrite to replace it, or choose another save folder")
+    if not r.evaluate:  # found now, not when the first epoch's checkpoint is written
+        existing = next(p for p in (out, *out.resolve().parents) if p.exists())
+        if not existing.is_dir() or not os.access(existing, os.W_OK | os.X_OK):
+            raise TrainingError(f"the save folder {out} cannot be written ({existing} is "
+                                f"{'not a folder' if not existing.is_dir() else 'read-only'})")
     return out
+
+
+# the options that define a run: a --resume must match them (paths compared resolved)
+RUN_DEFINING = ("arch", "data", "prune", "rate", "layer_begin", "layer_end", "layer_inter", "epoch_prune",
+                "prune_bn", "skip_downsample")
+
+
+def run_definition(r: Recipe) -> dict:
+    return {k: (str(Path(r.data).resolve()) if k == "data" else getattr(r, k)) for k in RUN_DEFINING}
+
+
+def check_same_run(r: Recipe, resume: dict) -> None:
+    """--resume continues the run it names: the first option that differs is an error."""
+    saved = resume.get("recipe")
+    if saved is None:  # written before the recipe was saved: what the checkpoint itself tells
+        saved = {"arch": resume["arch"], "prune_bn": resume.get("prune_bn", False)}
+        if resume.get("rate", 1.0) != 1.0:
+            saved["rate"] = resume["rate"]
+    for key, value in run_definition(r).items():
+        if key in saved and saved[key] != value:
+            raise TrainingError(f"--resume: {key} is {value!r} but the run in {r.resume} used {saved[key]!r}")
 
 
 def run(r: Recipe, overwrite: bool = False) -> dict:
@@ -243,6 +270,11 @@ def run(r: Recipe, overwrite: bool = False) -> dict:
     if resume is not None and resume.get("reference_layout") and not r.evaluate:
         raise TrainingError(f"--resume {r.resume} was written by the SFP reference code: evaluate it with -e, "
                             "shrink it with classification.get_small, or start from it with --use_sparse")
+    if resume is not None and not r.evaluate:
+        if "optimizer" not in resume:
+            raise TrainingError(f"--resume {r.resume} holds no optimiser or epoch state (model_best.pth?): resume "
+                                "from the run's checkpoint.pth, or start from these weights with --use_sparse")
+        check_same_run(r, resume)
     device = distributed.setup(r.gpu_ids)
     rank, world, main = distributed.rank(), distributed.world_size(), distributed.is_main()
     utils.seed_everything(r.seed + rank)
@@ -320,7 +352,7 @@ def checkpoint(net: nn.Module, r: Recipe, num_classes: int, layers: list[str], e
     """Tensors and plain values only (loads with weights_only=True); the recipe comes along for get_small."""
     state = {"arch": r.arch, "num_classes": num_classes, "state_dict": net.state_dict(), "epoch": epoch,
              "layers": layers, "rate": r.rate if r.prune else 1.0, "prune_bn": r.prune_bn, "history": history,
-             "best": best, "image_size": 32 if r.cifar else r.image_size}
+             "best": best, "image_size": 32 if r.cifar else r.image_size, "recipe": run_definition(r)}
     if optimizer is not None:
         state.update(optimizer=optimizer.state_dict(), rng=rng if rng is not None else [utils.rng_state()])
     return state

@@ -323,3 +323,23 @@ def test_sfp_cifar_whole_model_pickles_are_refused_in_one_line(tmp_path):
         engine.load_checkpoint(tmp_path / "checkpoint.pth.tar")
     message = str(info.value).replace(str(tmp_path), "")
     assert "weights_only" not in message and "\n" not in message and len(message) < 200
+
+
+def test_resume_must_continue_the_same_run_from_its_own_state(cifar_run, tmp_path):
+    from classification import pruning_cifar10_resnet as script
+    root, _, _ = cifar_run
+    argv = [str(root / "data"), "--arch", "resnet20", "--epochs", "3", "--schedule", "1", "--gammas", "1",
+            "--learning_rate", "0.05", "--batch_size", "16", "--rate", "0.7", "--layer_begin", "0", "--layer_end",
+            "54", "--layer_inter", "3", "--workers", "0", "--save_path", str(root / "full")]
+    parser = script.get_args_parser()
+    before = (root / "full" / "checkpoint.pth").read_bytes()
+    for change, words in ((["--rate", "0.5"], "rate is 0.5 but the run"),
+                          (["--layer_end", "51"], "layer_end is 51 but the run"),
+                          (["--resume", str(root / "full" / "model_best.pth")], "no optimiser or epoch state")):
+        args = [*argv, "--resume", str(root / "full" / "checkpoint.pth"), *change]
+        with pytest.raises(engine.TrainingError, match=words):
+            script.main(parser.parse_args(args))
+    assert (root / "full" / "checkpoint.pth").read_bytes() == before
+    (tmp_path / "a_file").write_text("x")  # (a read-only folder is refused the same way, for users who are not root)
+    with pytest.raises(engine.TrainingError, match="cannot be written"):
+        script.main(parser.parse_args([*argv[:-1], str(tmp_path / "a_file" / "run")]))
