@@ -136,6 +136,8 @@ def check_training_args(args: argparse.Namespace) -> None:
     """Flag combinations that would give another run than asked; the parser checked each flag alone."""
     if args.no_pretrained and args.pretrained:
         raise cli.UsageError("--no_pretrained and --pretrained contradict each other: give one")
+    if getattr(args, "resume", False) and getattr(args, "overwrite", False):
+        raise cli.UsageError("--resume continues the run, --overwrite replaces it: give one")
     if getattr(args, "max_lrate", None) is not None and args.max_lrate < args.prune_rate:
         raise cli.UsageError(f"--max_lrate {args.max_lrate} is below --prune_rate {args.prune_rate}: no layer "
                              "allocation can reach the overall rate")

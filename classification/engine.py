@@ -227,6 +227,8 @@ def write_log(history: list[dict], path: Path) -> None:
 
 
 def check_save_dir(r: Recipe, overwrite: bool) -> Path:
+    if r.resume and overwrite and not r.evaluate:
+        raise TrainingError("--resume continues the run, --overwrite replaces it: give one")
     out = Path(r.save_dir)
     resuming_here = r.resume and Path(r.resume).resolve().parent == out.resolve()
     if not r.evaluate and (out / "checkpoint.pth").is_file() and not (overwrite or resuming_here):

@@ -60,3 +60,19 @@ def test_entry_points_that_had_their_own_handling(script, args):
     r = run_script(script, *args)
     lines = r.stderr.strip().splitlines()
     assert r.returncode == 2 and len(lines) == 1 and lines[0].startswith("error: "), r.stderr
+
+
+@pytest.mark.parametrize("script,args", [
+    ("APFP_train.py", ["--name", "x", "--data_dir", "/nonexistent"]),
+    ("-m transreid.train", ["--config_file", "transreid/configs/OCC_Duke/tiny.yml", "OUTPUT_DIR", "@RUN@"]),
+    ("-m transreid.finetune", ["--config_file", "transreid/configs/OCC_Duke/tiny_attn.yml", "OUTPUT_DIR", "@RUN@"]),
+    ("-m classification.pruning_cifar10_resnet", ["/nonexistent", "--arch", "resnet20", "--save_path", "@RUN@",
+                                                  "--resume", "@RUN@/checkpoint.pth"]),
+])
+def test_resume_and_overwrite_together_is_an_error_in_every_trainer(tmp_path, script, args):
+    args = [a.replace("@RUN@", str(tmp_path / "run")) for a in args]
+    flags = ["--overwrite"] + (["--resume"] if "classification" not in script else [])
+    r = run_script(script, *args, *flags)
+    lines = r.stderr.strip().splitlines()
+    assert r.returncode == 2 and len(lines) == 1 and "give one" in lines[0], r.stderr
+    assert not (tmp_path / "run").exists()

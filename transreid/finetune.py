@@ -92,6 +92,7 @@ def prune(cfg, net, model, loss_fn, teacher_loss, loader, device, round_: int, c
 
 
 def main(args: argparse.Namespace) -> dict:
+    processor.check_run_flags(args.resume, args.overwrite)
     cfg = load_config(args.config_file, args.opts)
     f, s = cfg.FINETUNE, cfg.SOLVER
     if not f.PRETRAIN_PATH:

@@ -46,10 +46,17 @@ def flat_config(cfg, prefix: str = "") -> dict:
     return out
 
 
+def check_run_flags(resume: bool, overwrite: bool) -> None:
+    """Called first: a contradiction in the flags is reported before any file is read."""
+    if resume and overwrite:
+        raise RunError("--resume continues the run in OUTPUT_DIR, --overwrite replaces it: give one")
+
+
 def prepare_run_folder(cfg, resume: bool, overwrite: bool) -> Path:
     """OUTPUT_DIR, refusing to write over another run unless --overwrite, and checking that --resume
     continues the same configuration. A new run starts a fresh log.txt; its config.yaml is written with its
     first checkpoint (`save_config`), so a run that fails before that leaves the folder free for a rerun."""
+    check_run_flags(resume, overwrite)
     out = Path(cfg.OUTPUT_DIR)
     if not distributed.is_main_process():  # under torchrun rank 0 checks and writes
         return out

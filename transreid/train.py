@@ -50,6 +50,7 @@ def build_model(cfg, num_classes: int, camera_num: int, start: dict | None, log_
 
 
 def main(args: argparse.Namespace) -> dict:
+    processor.check_run_flags(args.resume, args.overwrite)
     cfg = load_config(args.config_file, args.opts)
     out = processor.prepare_run_folder(cfg, args.resume, args.overwrite)
     resume = load_checkpoint(out / "resume.pth", "model", "a resume file of this package", "resume file") \
