@@ -28,8 +28,8 @@ import numpy as np
 
 import cli
 from toolkit.ranking import (CHUNK_ELEMENTS, INT64_MAX, RESULT_KEYS, EvaluationError, GalleryIndex,  # noqa: F401
-                             average_precision, check_inputs, evaluate, evaluate_protocols, format_result,
-                             good_match_ranks, multi_query_features, ordered_keys, query_results, score_function,
+                             average_precision, check_inputs, evaluate, evaluate_protocols, feature_query_results,
+                             format_result, good_match_ranks, multi_query_features, ordered_keys, score_function,
                              summarize)
 
 if TYPE_CHECKING:
@@ -129,17 +129,14 @@ def choose_device(args: argparse.Namespace) -> str:
     return f"cuda:{first}"
 
 
-def score(q: tuple, g: tuple, args: argparse.Namespace, device: str) -> tuple[dict, dict, KReciprocal | None]:
-    """(metrics of both protocols, per-query results, the re-ranker when --rerank)."""
-    qf, ql, qc, gf, gl, gc = check_inputs(*q, *g)
+def score(arrays: tuple, args: argparse.Namespace, device: str) -> tuple[dict, dict, KReciprocal | None]:
+    """(metrics of both protocols, per-query results, the re-ranker when --rerank) of checked arrays."""
     if not args.rerank:
-        gallery = GalleryIndex(gf, gl, gc)
-        chunk = max(1, CHUNK_ELEMENTS // max(len(gallery.f), 1))
-        per_query = query_results(qf, ql, qc, gallery, score_function(qf, gallery.f, device), chunk)
+        per_query = feature_query_results(*arrays, device)
         return summarize(per_query), per_query, None
     from toolkit.rerank import RerankParams, rerank_query_results  # SciPy's sparse module: only when asked
     params = RerankParams(args.k1, args.k2, args.lambda_value, "layumi")
-    per_query, reranker = rerank_query_results(qf, ql, qc, gf, gl, gc, params, device, progress=None)
+    per_query, reranker = rerank_query_results(*arrays, params, device, progress=None)
     return summarize(per_query), per_query, reranker
 
 
@@ -152,7 +149,8 @@ def main(args: argparse.Namespace) -> dict:
     q = (mat["query_f"], mat["query_label"], mat["query_cam"])
     g = (mat["gallery_f"], mat["gallery_label"], mat["gallery_cam"])
     try:
-        both, per_query, reranker = score(q, g, args, device)
+        arrays = check_inputs(*q, *g)
+        both, per_query, reranker = score(arrays, args, device)
     except EvaluationError as e:
         raise EvaluationError(f"{args.mat}: {e}") from None
     result = both[args.protocol]
@@ -168,12 +166,12 @@ def main(args: argparse.Namespace) -> dict:
             mq = multi_query_features(q[1], q[2], m["mquery_f"], m["mquery_label"], m["mquery_cam"], q[0])
         except EvaluationError as e:
             raise EvaluationError(f"{multi_file}: {e}") from None
-        multi = score((mq, q[1], q[2]), g, args, device)[0][args.protocol]
+        multi = score((mq, *arrays[1:]), args, device)[0][args.protocol]
         print("multi Rank@1:%f Rank@5:%f Rank@10:%f mAP:%f" % (multi["rank1"], multi["rank5"], multi["rank10"],
                                                                 multi["mAP"]))
         result["multi"] = multi
     if args.show_ranks:
-        draw_ranks(q, g, paths, per_query, reranker, args)
+        draw_ranks(arrays, paths, per_query, reranker, args)
     if args.json:  # both protocols, so collected tables need no recomputation
         from atomic_io import write_text_atomic
         other = "standard" if args.protocol == "reference" else "reference"
@@ -211,10 +209,10 @@ def choose_queries(per_query: dict, n: int, seed: int, worst: bool, protocol: st
     return np.sort(np.random.default_rng(seed).choice(n_query, size=min(n, n_query), replace=False))
 
 
-def draw_ranks(q: tuple, g: tuple, paths: tuple[list[str], list[str]], per_query: dict,
+def draw_ranks(arrays: tuple, paths: tuple[list[str], list[str]], per_query: dict,
                reranker: KReciprocal | None, args: argparse.Namespace) -> None:
     from toolkit.rank_pictures import RankRow, cell_kinds, draw_rank_rows, save_png  # Pillow: only when asked
-    qf, ql, qc, gf, gl, gc = check_inputs(*q, *g)
+    qf, ql, qc, gf, gl, gc = arrays
     chosen = choose_queries(per_query, args.queries, args.seed, args.worst, args.protocol)
     if len(chosen) == 0:
         raise EvaluationError(f"{args.mat}: no query has a match in the gallery, so --worst has none to draw")

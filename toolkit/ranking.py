@@ -224,14 +224,20 @@ def summarize(per_query: dict[str, np.ndarray]) -> dict[str, dict]:
     return results
 
 
+def feature_query_results(qf: np.ndarray, ql: np.ndarray, qc: np.ndarray, gf: np.ndarray, gl: np.ndarray,
+                          gc: np.ndarray, device: str | None = None,
+                          chunk_elements: int = CHUNK_ELEMENTS) -> dict[str, np.ndarray]:
+    """`query_results` of checked arrays (see `check_inputs`) ranked by the dot product of their features."""
+    gallery = GalleryIndex(gf, gl, gc)
+    scores_of = score_function(qf, gallery.f, str(device or "cpu"))
+    return query_results(qf, ql, qc, gallery, scores_of, max(1, chunk_elements // max(len(gallery.f), 1)))
+
+
 def evaluate_protocols(query_f, query_label, query_cam, gallery_f, gallery_label, gallery_cam,
                        device: str | None = None, chunk_elements: int = CHUNK_ELEMENTS) -> dict[str, dict]:
     """{"reference": metrics, "standard": metrics} from one ranking pass (see `evaluate`)."""
-    qf, ql, qc, gf, gl, gc = check_inputs(query_f, query_label, query_cam, gallery_f, gallery_label, gallery_cam)
-    gallery = GalleryIndex(gf, gl, gc)
-    scores_of = score_function(qf, gallery.f, str(device or "cpu"))
-    chunk = max(1, chunk_elements // max(len(gallery.f), 1))
-    return summarize(query_results(qf, ql, qc, gallery, scores_of, chunk))
+    arrays = check_inputs(query_f, query_label, query_cam, gallery_f, gallery_label, gallery_cam)
+    return summarize(feature_query_results(*arrays, device, chunk_elements))
 
 
 def evaluate(query_f, query_label, query_cam, gallery_f, gallery_label, gallery_cam,

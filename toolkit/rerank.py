@@ -113,7 +113,7 @@ class RunningNearest:
     columns given so far. A block's entries above a row's current keep-th distance are never gathered."""
 
     def __init__(self, n: int, keep: int):
-        self.keep, self.n = keep, n
+        self.keep = keep
         self.d = np.full((n, keep), np.inf, np.float32)
         self.col = np.full((n, keep), n, np.int64)
         self.max = np.full(n, -np.inf, np.float32)
@@ -192,7 +192,9 @@ class KReciprocal:
         self.v = v
         self.gallery_terms = v[self.n_query:].tocsc()
         self.gallery_terms.sort_indices()
-        self.query_scores = score_function(self.features[:self.n_query], self.gallery_f, device)
+        # only needed when the first pass could not keep the query x gallery distances
+        self.query_scores = None if self.query_d is not None else \
+            score_function(self.features[:self.n_query], self.gallery_f, device)
 
     def _bar(self, iterable, total: int, desc: str):
         return tqdm(iterable, total=total, desc=desc, leave=False, mininterval=1.0,
@@ -273,7 +275,7 @@ class KReciprocal:
         return out / self.row_max[rows]
 
     def _encoding(self) -> sp.csr_matrix:
-        """V: row i holds exp(-D[i, j]) / sum over the expanded k-reciprocal set of i (SPEC §2-3)."""
+        """V: row i holds exp(-D[i, j]) divided by its sum over j in the expanded k-reciprocal set of i."""
         n, k1 = len(self.features), self.params.k1
         kh = half_k(k1)
         ranked = self.ranked
@@ -307,7 +309,7 @@ class KReciprocal:
         return sp.csr_matrix((data.astype(np.float32), cols, indptr), shape=(n, n))
 
     def _query_expansion(self, v: sp.csr_matrix) -> sp.csr_matrix:
-        """V'[i] = mean of V over the first k2 of i's nearest images, summed nearest first (SPEC §4)."""
+        """V'[i] = mean of V over the first k2 of i's nearest images, summed nearest first as the reference does."""
         n, k2 = v.shape[0], self.params.k2
         cols = self.ranked[:, :k2].reshape(-1)
         average = sp.csr_matrix((np.ones(len(cols), np.float32), cols, np.arange(0, n * k2 + 1, k2)),
@@ -355,13 +357,6 @@ class KReciprocal:
         d += np.float32(1.0) * (1 - lam)  # jaccard 1: the same float32 operations as for the pairs above
         d[pair_q, pair_g] = near
         return d
-
-    def jaccard(self, s: int, e: int) -> np.ndarray:
-        """Dense Jaccard distances of queries s..e to every gallery image (for inspection and tests)."""
-        pair_q, pair_g, m = self.overlaps(s, e)
-        out = np.ones((e - s, self.gallery_terms.shape[0]), np.float32)
-        out[pair_q, pair_g] = np.float32(1.0) - m / (np.float32(2.0) - m)
-        return out
 
     def chunk_rows(self) -> int:
         return max(1, self.chunk_elements // max(len(self.gallery_f), 1))

@@ -189,25 +189,29 @@ def scoring_features(feats: np.ndarray, num_query: int, feat_norm: bool) -> tupl
     return euclidean_scoring(feats[:num_query].astype(np.float64), feats[num_query:].astype(np.float64))
 
 
-def test_model(cfg, model: nn.Module, loader, num_query: int, device: torch.device,
-               rerank: bool = False) -> tuple[dict, tuple]:
-    """Standard-protocol R1/R5/R10/mAP/mINP, and the arrays that were scored. With rerank, the ranking is
-    TransReID's k-reciprocal re-ranking of the (FEAT_NORM-normalised) features: squared Euclidean base
-    distance, k1 50, k2 15, lambda 0.3 (its evaluator's values), float32 throughout."""
-    feats, pids, cams = extract_features(model, loader, device)
-    qf, gf = scoring_features(feats, num_query, cfg.TEST.FEAT_NORM == "yes")
+def score_features(cfg, feats: np.ndarray, pids: np.ndarray, cams: np.ndarray, num_query: int,
+                   rerank: bool = False) -> tuple[dict, tuple]:
+    """Standard-protocol R1/R5/R10/mAP/mINP of query-then-gallery features, and the arrays that were scored.
+    With rerank, the ranking is TransReID's k-reciprocal re-ranking of the (FEAT_NORM-normalised) features:
+    squared Euclidean base distance, its evaluator's k1, k2 and lambda, float32 throughout."""
+    feat_norm = cfg.TEST.FEAT_NORM == "yes"
+    qf, gf = scoring_features(feats, num_query, feat_norm)
     arrays = (qf, pids[:num_query], cams[:num_query], gf, pids[num_query:], cams[num_query:])
     if not rerank:
         return evaluate(*arrays, protocol="standard"), arrays
     from toolkit.rerank import TRANSREID_PARAMS, evaluate_reranked
-    if cfg.TEST.FEAT_NORM == "yes":
-        feats = F.normalize(torch.from_numpy(feats), dim=1).numpy()
+    raw_q, raw_g = (qf, gf) if feat_norm else (feats[:num_query], feats[num_query:])  # not the Euclidean form
     try:
-        metrics = evaluate_reranked(feats[:num_query], arrays[1], arrays[2], feats[num_query:], arrays[4], arrays[5],
-                                    TRANSREID_PARAMS)
+        metrics = evaluate_reranked(raw_q, arrays[1], arrays[2], raw_g, arrays[4], arrays[5], TRANSREID_PARAMS)
     except EvaluationError as e:
         raise RunError(f"TEST.RE_RANKING: {e}") from None
     return metrics["standard"], arrays
+
+
+def test_model(cfg, model: nn.Module, loader, num_query: int, device: torch.device,
+               rerank: bool = False) -> tuple[dict, tuple]:
+    """`score_features` of the loader's images (see there)."""
+    return score_features(cfg, *extract_features(model, loader, device), num_query, rerank)
 
 
 def format_metrics(m: dict) -> str:

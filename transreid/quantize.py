@@ -36,7 +36,6 @@ from onnx_export import OPSET, onnx_session
 from toolkit import int8
 from toolkit.int8 import QuantizationError
 from toolkit.latency import add_ratios, format_table, median_latencies, write_outputs
-from toolkit.ranking import evaluate
 from transreid import processor
 from transreid.config import ConfigError, get_args_parser, load_config
 from transreid.datasets import ImageList, read_dataset, test_transform
@@ -180,7 +179,7 @@ def main(args: argparse.Namespace) -> list[dict]:
         if out.exists():
             shutil.rmtree(out)
         out.mkdir(parents=True)
-        for key, (fp32, quantized, _) in files.items():
+        for fp32, quantized, _ in files.values():
             for f in (fp32, quantized):
                 shutil.move(f, out / f.name)
     print(f"{cfg.TEST.WEIGHT}: {int8_name(args.mode)} under ONNX Runtime, {args.threads or torch.get_num_threads()} "
@@ -201,7 +200,7 @@ def table(cfg, models: dict[str, TransReID], files: dict, loader: DataLoader, nu
     rows, runners = [], {}
     inputs = {b: torch.randn(b, 3, *size, generator=torch.Generator().manual_seed(b)).numpy()
               for b in args.batch_sizes}
-    for key, (fp32, quantized, difference) in files.items():
+    for key, (fp32, quantized, difference) in files.items():  # key: "" (TEST.WEIGHT) or "unpruned"
         net = models[key]
         label = "pruned" if is_pruned(net) else "unpruned"
         params, macs = model_lib.inference_params(net), utils.count_macs(net, size)
@@ -212,9 +211,7 @@ def table(cfg, models: dict[str, TransReID], files: dict, loader: DataLoader, nu
             if not np.isfinite(feats).all():
                 raise QuantizationError(f"{path.name} gives NaN or infinite features; nothing was written")
             reference = feats if reference is None else reference
-            qf, gf = processor.scoring_features(feats, num_query, cfg.TEST.FEAT_NORM == "yes")
-            metrics = evaluate(qf, pids[:num_query], cams[:num_query], gf, pids[num_query:], cams[num_query:],
-                               protocol="standard")
+            metrics = processor.score_features(cfg, feats, pids, cams, num_query)[0]
             name = f"{label} {'float32' if kind == 'fp32' else int8_name(args.mode)}"
             rows.append({"model": name, "file": path.name, "params": params, "macs": macs,
                          "size_mb": path.stat().st_size / 1e6,

@@ -40,7 +40,7 @@ def main(args: argparse.Namespace) -> dict:
     if distributed.is_main():
         print(f"{cfg.TEST.WEIGHT}: heads {model.heads_per_layer()}, tokens {ckpt.get('channels')}")
         print(f"{len(splits.query)} queries, {len(splits.gallery)} gallery images"
-              f"{' (re-ranked: k1 50, k2 15, lambda 0.3)' if cfg.TEST.RE_RANKING else ''}: "
+              f"{reranked_note() if cfg.TEST.RE_RANKING else ''}: "
               f"{processor.format_metrics(metrics)}")
         if args.mat:
             qf, ql, qc, gf, gl, gc = arrays
@@ -60,6 +60,11 @@ def main(args: argparse.Namespace) -> dict:
                                                    f"{difference:.1e}"))
     distributed.cleanup()
     return metrics
+
+
+def reranked_note() -> str:
+    from toolkit.rerank import TRANSREID_PARAMS as p
+    return f" (re-ranked: k1 {p.k1}, k2 {p.k2}, lambda {p.lambda_value})"
 
 
 def check_outputs(args: argparse.Namespace, weight: str) -> None:
