@@ -35,10 +35,10 @@ def cpu_flags() -> str:
 
 
 def int8_main(args: argparse.Namespace, cfg) -> None:
-    from onnx_export import onnx_session
+    from onnx_export import onnx_feeds, onnx_session
     from toolkit import int8
     from toolkit.latency import median_latencies
-    from transreid.quantize import export_vit, feeds
+    from transreid.quantize import export_vit
     models = {"unpruned": random_pruned(cfg, 0, 0), "token 25% + head 25%": random_pruned(cfg, 0.25, 0.25)}
     size = (256, 128)
     gen = torch.Generator().manual_seed(0)
@@ -56,13 +56,13 @@ def int8_main(args: argparse.Namespace, cfg) -> None:
                          for _ in range(4)]
                 quantized = int8.quantize_static(fp32, target, calib, op_types=int8.MATRIX_OPS)
             pair = [onnx_session(path, args.threads, spinning=False) for path in (fp32, quantized)]
-            a, b = (s.run(None, feeds(s, probe, cams))[0] for s in pair)
+            a, b = (s.run(None, onnx_feeds(s, probe, cams))[0] for s in pair)
             cosines[name] = float(int8.feature_cosine(a, b).min())
             sessions[f"{name} float32"], sessions[f"{name} INT8"] = pair
     print(f"{args.threads or torch.get_num_threads()} threads; CPU flags: {cpu_flags()}; INT8 {args.int8_mode}")
     for b in args.batch_sizes:
         x = torch.randn(b, 3, *size, generator=gen).numpy()
-        fns = {name: (lambda s=s: s.run(None, feeds(s, x, np.zeros(b, np.int64)))) for name, s in sessions.items()}
+        fns = {name: (lambda s=s: s.run(None, onnx_feeds(s, x))) for name, s in sessions.items()}
         ms = median_latencies(fns, args.warmup, args.repeats)
         base = ms["unpruned float32"]
         for name, t in ms.items():

@@ -20,19 +20,17 @@ from __future__ import annotations
 import argparse
 import shutil
 import tempfile
-import warnings
 from pathlib import Path
 
 import numpy as np
 import torch
-from torch import nn
 from torch.utils.data import DataLoader
 
 import cli
 import model as model_lib
 import utils
 from dataset_layout import DatasetError
-from onnx_export import OPSET, onnx_session
+from onnx_export import export_onnx, onnx_feeds, onnx_max_difference, onnx_session
 from toolkit import int8
 from toolkit.int8 import QuantizationError
 from toolkit.latency import add_ratios, format_table, median_latencies, write_outputs
@@ -44,56 +42,20 @@ from transreid.model import ARCH_WIDTHS, ModelError, TransReID, model_from_check
 PARITY_TOLERANCE = 1e-4  # float32 ONNX Runtime vs PyTorch features, before anything is quantized
 
 
-class CameraFeatures(nn.Module):
-    """forward(images, cams) -> the test feature; the camera input exists only where SIE uses it."""
-
-    def __init__(self, net: TransReID):
-        super().__init__()
-        self.net = net
-
-    def forward(self, images: torch.Tensor, cams: torch.Tensor | None = None) -> torch.Tensor:
-        return self.net.extract(images, cams)
-
-
 def uses_cameras(net: TransReID) -> bool:
     return net.base.sie_embed is not None
 
 
 def export_vit(net: TransReID, path: Path, size: tuple[int, int]) -> Path:
-    """ONNX (opset 18, dynamic batch) of the test feature: inputs 'images' [and 'cams'], output 'features'."""
-    net = net.eval().cpu()
-    net.use_fused_attention(True)
-    x = torch.zeros(2, 3, *size)
-    inputs, names = ((x, torch.zeros(2, dtype=torch.long)), ["images", "cams"]) if uses_cameras(net) else \
-        ((x,), ["images"])
-    with warnings.catch_warnings(), utils.atomic_path(path) as tmp:
-        warnings.simplefilter("ignore")
-        torch.onnx.export(CameraFeatures(net), inputs, str(tmp), dynamo=False, opset_version=OPSET,
-                          input_names=names, output_names=["features"],
-                          dynamic_axes={n: {0: "batch"} for n in names + ["features"]})
-    return path
-
-
-def feeds(session, images: np.ndarray, cams: np.ndarray) -> dict[str, np.ndarray]:
-    wanted = {i.name for i in session.get_inputs()}
-    return {k: v for k, v in (("images", images), ("cams", cams.astype(np.int64))) if k in wanted}
-
-
-def onnx_parity(net: TransReID, path: Path, size: tuple[int, int]) -> float:
-    """Largest |ONNX Runtime - PyTorch| feature difference on random images and cameras."""
-    gen = torch.Generator().manual_seed(1)
-    x = torch.randn(3, 3, *size, generator=gen)
-    cams = torch.randint(0, max(net.camera_num, 1), (3,), generator=gen)
-    with torch.no_grad():
-        expected = net.eval().extract(x, cams if uses_cameras(net) else None).numpy()
-    session = onnx_session(path)
-    return float(np.abs(session.run(None, feeds(session, x.numpy(), cams.numpy()))[0] - expected).max())
+    """ONNX (opset 18, dynamic batch) of the test feature: inputs 'images' [and 'cams' with SIE], 'features'."""
+    net.eval().cpu().use_fused_attention(True)
+    return export_onnx(net, path, size, dynamo=False, cameras=uses_cameras(net))
 
 
 def session_features(session, loader: DataLoader) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     feats, pids, cams = [], [], []
     for imgs, pid, cam in loader:
-        feats.append(session.run(None, feeds(session, imgs.numpy(), cam.numpy()))[0])
+        feats.append(session.run(None, onnx_feeds(session, imgs.numpy(), cam.numpy()))[0])
         pids.append(pid.numpy())
         cams.append(cam.numpy())
     return np.concatenate(feats), np.concatenate(pids), np.concatenate(cams)
@@ -163,7 +125,7 @@ def main(args: argparse.Namespace) -> list[dict]:
         for key in sorted(models, key=lambda k: k != "unpruned"):  # the unpruned rows first: the ratios' base
             prefix = f"{key}_" if key else ""
             fp32 = export_vit(models[key], staged / f"{prefix}fp32.onnx", size)
-            difference = onnx_parity(models[key], fp32, size)
+            difference = onnx_max_difference(models[key], fp32, size)
             if not difference <= PARITY_TOLERANCE:
                 raise QuantizationError(f"the float32 ONNX export differs from PyTorch by {difference:.1e} "
                                         f"(more than {PARITY_TOLERANCE:g}); nothing was written")
@@ -172,7 +134,7 @@ def main(args: argparse.Namespace) -> list[dict]:
                 quantized = int8.quantize_dynamic(fp32, target)
             else:
                 session = onnx_session(fp32)
-                quantized = int8.quantize_static(fp32, target, [feeds(session, **f) for f in calib],
+                quantized = int8.quantize_static(fp32, target, [onnx_feeds(session, **f) for f in calib],
                                                  op_types=int8.MATRIX_OPS)
             files[key] = (fp32, quantized, difference)
         rows = table(cfg, models, files, loader, len(splits.query), size, args)
@@ -217,7 +179,7 @@ def table(cfg, models: dict[str, TransReID], files: dict, loader: DataLoader, nu
                          "size_mb": path.stat().st_size / 1e6,
                          "cosine": float(int8.feature_cosine(reference, feats).mean()), "mAP": metrics["mAP"],
                          "R1": metrics["rank1"], "mINP": metrics["mINP"], "onnx_vs_pytorch": difference})
-            runners[name] = {b: (lambda s=session, x=x: s.run(None, feeds(s, x, np.zeros(len(x), np.int64))))
+            runners[name] = {b: (lambda s=session, x=x: s.run(None, onnx_feeds(s, x)))
                              for b, x in inputs.items()}
     for b in args.batch_sizes:
         ms = median_latencies({name: fns[b] for name, fns in runners.items()}, args.warmup, args.repeats)
