@@ -8,20 +8,17 @@ Layer rates are allocated once on the initial weights; at every epoch end the se
 """
 import argparse
 
-import cli
-import prune_hooks
-import train_loop
-import utils
+from toolkit import cli, hooks, train_loop, utils
 
 
 def get_args_parser() -> argparse.ArgumentParser:
     parser = cli.ArgumentParser(description=__doc__.splitlines()[0])
-    return prune_hooks.add_pruning_args(train_loop.add_training_args(parser))
+    return hooks.add_pruning_args(train_loop.add_training_args(parser))
 
 
 def main(args: argparse.Namespace) -> None:
-    train_loop.train(args, make_hook=prune_hooks.bafd_hook, method="bafd")
+    train_loop.train(args, make_hook=hooks.bafd_hook, method="bafd")
 
 
 if __name__ == "__main__":
-    utils.run_main(main, get_args_parser().parse_args(), prune_hooks.USER_ERRORS)
+    utils.run_main(main, get_args_parser().parse_args(), hooks.USER_ERRORS)

@@ -5,10 +5,7 @@ the smallest L2 norm are zeroed (conv + BN) and keep training in the next epoch.
 """
 import argparse
 
-import cli
-import prune_hooks
-import train_loop
-import utils
+from toolkit import cli, hooks, train_loop, utils
 
 
 def get_args_parser() -> argparse.ArgumentParser:
@@ -16,8 +13,8 @@ def get_args_parser() -> argparse.ArgumentParser:
 
 
 def main(args: argparse.Namespace) -> None:
-    train_loop.train(args, make_hook=prune_hooks.uniform_hook("l2"), method="sfp")
+    train_loop.train(args, make_hook=hooks.uniform_hook("l2"), method="sfp")
 
 
 if __name__ == "__main__":
-    utils.run_main(main, get_args_parser().parse_args(), prune_hooks.USER_ERRORS)
+    utils.run_main(main, get_args_parser().parse_args(), hooks.USER_ERRORS)

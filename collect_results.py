@@ -16,10 +16,8 @@ import io
 import json
 from pathlib import Path
 
-import cli
-import data
-import utils
-from dataset_layout import DatasetError
+from toolkit import cli, data, utils
+from toolkit.layouts import DatasetError
 
 COLUMNS = ["method", "arch", "dataset", "prune_rate", "R1", "R5", "R10", "mAP", "mINP", "params_M", "GMACs",
            "cpu_ms_b1", "run"]
@@ -46,9 +44,10 @@ def run_metrics(run: Path, epoch: str) -> dict:
     features = run / "pytorch_result.mat"
     if not features.is_file():
         return {}
-    import evaluate_gpu
-    args = evaluate_gpu.get_args_parser().parse_args(["--mat", str(features), "--json", str(saved)])
-    return evaluate_gpu.main(args)
+    from toolkit.ranking import mat_metrics
+    result = mat_metrics(features)
+    utils.write_text_atomic(json.dumps(result, indent=2), saved)
+    return result
 
 
 def small_cost(run: Path, epoch: str, method: str, size: tuple[int, int]) -> tuple[int, int] | None:
@@ -61,13 +60,14 @@ def small_cost(run: Path, epoch: str, method: str, size: tuple[int, int]) -> tup
     if not ckpt.is_file():
         return None
     import model as model_lib
-    from small_model import small_from_checkpoint
+    from toolkit import surgery
+    from toolkit.surgery import small_from_checkpoint
     state = model_lib.load_checkpoint(ckpt)
     nonl1 = method in ("bafd", "sfp", "fpgm")
     try:
         _, small = small_from_checkpoint(state, nonl1)
     except model_lib.ModelError:  # e.g. an unpruned baseline: count the model as it is
-        small = model_lib.model_from_state_dict(state)
+        small = surgery.model_from_state_dict(state)
     return model_lib.inference_params(small), utils.count_macs(small, size)
 
 
@@ -166,5 +166,5 @@ def main(args: argparse.Namespace) -> list[dict]:
 
 if __name__ == "__main__":
     import model as model_lib
-    from evaluate_gpu import EvaluationError
+    from toolkit.ranking import EvaluationError
     utils.run_main(main, get_args_parser().parse_args(), (DatasetError, EvaluationError, model_lib.ModelError))

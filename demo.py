@@ -13,7 +13,7 @@ import sys
 import time
 from pathlib import Path
 
-import cli
+from toolkit import cli
 
 ROOT = Path(__file__).resolve().parent
 
@@ -47,8 +47,8 @@ def save_untrained(run: Path, num_classes: int, data_dir: str, size: tuple[int, 
     """A randomly initialised ResNet-18 checkpoint: the score a network gets before any training."""
     import torch
 
-    import utils
     from model import ft_net
+    from toolkit import utils
     torch.manual_seed(0)
     utils.save_atomic(ft_net(num_classes, "resnet18").state_dict(), run / "net_last.pth")
     utils.save_options({"method": "untrained", "network_arch": "resnet18", "data_dir": data_dir, "prune_rate": 0.0,

@@ -20,36 +20,34 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 import numpy as np
 
-import cli
-from toolkit.ranking import (CHUNK_ELEMENTS, INT64_MAX, RESULT_KEYS, EvaluationError, GalleryIndex,  # noqa: F401
-                             average_precision, check_inputs, evaluate, evaluate_protocols, feature_query_results,
-                             format_result, good_match_ranks, multi_query_features, ordered_keys, score_function,
-                             summarize)
+from toolkit import cli
+from toolkit.ranking import (  # noqa: F401
+    CHUNK_ELEMENTS,
+    INT64_MAX,
+    RESULT_KEYS,
+    EvaluationError,
+    GalleryIndex,
+    average_precision,
+    check_inputs,
+    evaluate,
+    evaluate_protocols,
+    feature_query_results,
+    format_result,
+    good_match_ranks,
+    load_mat,
+    multi_query_features,
+    ordered_keys,
+    score_function,
+    summarize,
+)
 
 if TYPE_CHECKING:
     from toolkit.rerank import KReciprocal
-
-def load_mat(path: str | os.PathLike, keys) -> dict:
-    import scipy.io
-    path = Path(path)
-    if not path.is_file():
-        raise EvaluationError(f"{path} does not exist (run test.py first)")
-    try:
-        mat = scipy.io.loadmat(path)
-    except Exception as e:  # scipy raises many kinds for a truncated or foreign file
-        raise EvaluationError(f"cannot read {path}: {str(e).splitlines()[0] if str(e) else type(e).__name__}") \
-            from None
-    missing = [k for k in keys if k not in mat]
-    if missing:
-        raise EvaluationError(f"{path} lacks the keys {', '.join(missing)}")
-    return mat
-
 
 def get_args_parser() -> argparse.ArgumentParser:
     p = cli.ArgumentParser(description=__doc__.splitlines()[0])
@@ -100,16 +98,11 @@ def check_args(args: argparse.Namespace) -> None:
     if args.rerank and args.k2 > args.k1 + 1:
         raise EvaluationError(f"--k2 ({args.k2}) must be at most --k1 + 1 ({args.k1 + 1}): query expansion "
                               "averages the first k2 of the k1 + 1 nearest images")
-    inputs = {Path(args.mat).resolve()} | ({Path(args.multi_mat).resolve()} if args.multi_mat else set())
-    for flag, out in (("--json", args.json), ("--show_ranks", args.show_ranks)):
-        if out is None:
-            continue
-        if Path(out).resolve() in inputs:
-            raise EvaluationError(f"{flag} {out} is one of the input files")
-        if Path(out).exists() and not args.overwrite:
-            raise EvaluationError(f"{flag} {out} already exists: pass --overwrite to replace it")
-        if Path(out).is_dir():
-            raise EvaluationError(f"{flag} {out} is a folder")
+    try:
+        cli.check_outputs({"--json": args.json, "--show_ranks": args.show_ranks},
+                          {"--mat": args.mat, "--multi_mat": args.multi_mat}, args.overwrite)
+    except cli.UsageError as e:
+        raise EvaluationError(str(e)) from None
     if args.show_ranks and Path(args.show_ranks).suffix.lower() != ".png":
         raise EvaluationError(f"--show_ranks {args.show_ranks}: the picture is written as PNG, name it *.png")
 
@@ -173,7 +166,7 @@ def main(args: argparse.Namespace) -> dict:
     if args.show_ranks:
         draw_ranks(arrays, paths, per_query, reranker, args)
     if args.json:  # both protocols, so collected tables need no recomputation
-        from atomic_io import write_text_atomic
+        from toolkit.atomic_io import write_text_atomic
         other = "standard" if args.protocol == "reference" else "reference"
         result[other] = both[other]
         result["protocol"] = args.protocol

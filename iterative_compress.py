@@ -23,14 +23,11 @@ from pathlib import Path
 import torch
 from torch import nn
 
-import cli
 import model as model_lib
 import pruner
-import test as test_lib
-import train_loop
-import utils
-from dataset_layout import DatasetError
-from small_model import kept_filters, load_small_model, make_small_model
+from toolkit import cli, features, train_loop, utils
+from toolkit.layouts import DatasetError
+from toolkit.surgery import kept_filters, load_small_model, make_small_model
 
 
 def get_args_parser() -> argparse.ArgumentParser:
@@ -70,7 +67,7 @@ def measure(net: nn.Module, args: argparse.Namespace, device: torch.device) -> d
     """Params, MACs, mAP and Rank-1 of `net` on the test dataset."""
     size = (args.height, args.width)
     net = net.to(device)
-    accuracy = test_lib.reid_accuracy(lambda images: test_lib.extract_features(net, images, device, 128, args.workers),
+    accuracy = features.reid_accuracy(lambda images: features.extract_features(net, images, device, 128, args.workers),
                                       args.test_dir or args.data_dir.split(",")[0], size)
     return {"params": model_lib.inference_params(net), "macs": utils.count_macs(net, size), **accuracy}
 

@@ -20,7 +20,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-import cli
+from toolkit import cli
 
 HEIGHT, WIDTH = 64, 32
 DEFAULT_OUT = {"market": "datasets/synthetic/Market", "duke": "datasets/synthetic/DukeMTMC-reID",

@@ -15,6 +15,7 @@ import torchvision
 from torch import nn
 
 from toolkit.errors import UserError
+from toolkit.run import check_finite_state
 
 ARCHS = ("resnet18", "resnet34", "resnet50")
 FEATURE_DIM = {"resnet18": 512, "resnet34": 512, "resnet50": 2048}
@@ -139,25 +140,14 @@ def load_checkpoint(path: str | os.PathLike, required_key: str | None = "classif
         raise ModelError(f"{what} {path} is corrupt or not a state dict (not a file of tensors and plain "
                          "values)") from None
     except Exception as e:
+        if "PytorchStreamReader" in str(e) or isinstance(e, EOFError):
+            raise ModelError(f"{what} {path} is truncated or corrupt (not a complete torch.save file)") from None
         raise ModelError(f"{what} {path} is corrupt or not a state dict ({type(e).__name__}: "
                          f"{str(e).splitlines()[0][:120] if str(e) else ''})") from None
     if not isinstance(state, dict) or (required_key is not None and required_key not in state):
         raise ModelError(f"{what} {path} is not {kind}")
+    check_finite_state(state, f"{what} {path}")  # NaN weights would be scored, shrunk or trained on silently
     return state
-
-
-def model_from_state_dict(state: dict) -> nn.Module:
-    """An ft_net (arch and class count read from the weights) with `state` loaded; a small model's
-    state (see small_model.py) gives the small model."""
-    import small_model  # small_model builds on this module
-    if small_model.is_small_state(state):
-        return small_model.small_model_from_state_dict(state)
-    net = ft_net(num_classes(state), infer_arch(state))
-    try:
-        net.load_state_dict(state)
-    except RuntimeError as e:
-        raise ModelError(f"checkpoint does not fit {net.arch}: {str(e).splitlines()[0]}") from None
-    return net
 
 
 def inference_params(net: nn.Module) -> int:

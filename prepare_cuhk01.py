@@ -5,7 +5,7 @@
 Evaluation split, fixed by the sorted identity order: the first 485 of the 971 ids train (train/val),
 the other 486 are tested with camera 1 (images 001-002) as query and camera 2 (003-004) as gallery.
 """
-from dataset_layout import prepare_main
+from toolkit.layouts import prepare_main
 
 if __name__ == "__main__":
     prepare_main("cuhk01", "./datasets/CUHK01", __doc__.splitlines()[0])

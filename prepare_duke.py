@@ -2,7 +2,7 @@
 
     python prepare_duke.py                        # ./datasets/DukeMTMC-reID
 """
-from dataset_layout import prepare_main
+from toolkit.layouts import prepare_main
 
 if __name__ == "__main__":
     prepare_main("duke", "./datasets/DukeMTMC-reID", __doc__.splitlines()[0])

@@ -2,7 +2,7 @@
 
     python prepare_msmt.py                        # ./datasets/MSMT17_V1
 """
-from dataset_layout import prepare_main
+from toolkit.layouts import prepare_main
 
 if __name__ == "__main__":
     prepare_main("msmt", "./datasets/MSMT17_V1", __doc__.splitlines()[0])

@@ -28,18 +28,12 @@ import torch
 from torch import nn
 from torch.nn.utils import parametrize
 
-import cli
-import data
-import model as model_lib
-import onnx_export
-import runtime_comparison
-import train_loop
-import utils
-from dataset_layout import DatasetError
 from pruner import PruneError
-from small_model import load_small_model, make_deploy_model
-from toolkit import int8
-from toolkit.int8 import QuantizationError
+from toolkit import cli, data, int8, onnx_export, surgery, train_loop, utils
+from toolkit.int8 import QuantizationError, calibration_batches, quantize_onnx  # noqa: F401
+from toolkit.latency import compare, format_table, write_outputs
+from toolkit.layouts import DatasetError
+from toolkit.surgery import load_small_model, make_deploy_model
 
 WEIGHT_QMAX = 127  # symmetric INT8 weights: [-127, 127], as ONNX Runtime's quantizer uses
 ACT_QMIN, ACT_QMAX = 0, 255  # UINT8 activations (the fast U8S8 path on x86)
@@ -47,20 +41,6 @@ ACT_QMIN, ACT_QMAX = 0, 255  # UINT8 activations (the fast U8S8 path on x86)
 
 # ---------------------------------------------------------------------------------------------------------------
 # ONNX Runtime static quantization (toolkit.int8)
-
-
-def calibration_batches(roots: list[Path], n_images: int, size: tuple[int, int], batch: int = 16,
-                        seed: int = 0) -> list[np.ndarray]:
-    """`n_images` training images (a seeded random choice over all roots), test-transformed, in batches."""
-    dataset = data.AnchorPositives(roots, data.test_transform(size))
-    order = torch.randperm(len(dataset), generator=torch.Generator().manual_seed(seed))[:n_images].tolist()
-    images = [dataset.transform(data.load_rgb(dataset.samples[i][0])) for i in order]
-    return [torch.stack(images[s:s + batch]).numpy() for s in range(0, len(images), batch)]
-
-
-def quantize_onnx(fp32_path: Path, int8_path: Path, batches: list[np.ndarray], reduce_range: bool = False) -> Path:
-    """Static INT8 quantization (QDQ, per-channel weights) of a CNN's ONNX model, calibrated on `batches`."""
-    return int8.quantize_static(fp32_path, int8_path, [{"images": x} for x in batches], reduce_range)
 
 
 def cosine_similarity(session_a, session_b, images: np.ndarray) -> np.ndarray:
@@ -169,7 +149,7 @@ def qat_finetune(small: nn.Module, args: argparse.Namespace, out: Path) -> nn.Mo
     args = argparse.Namespace(**vars(args))
     args.network_arch, args.out_dir = small.arch, str(out / "qat")
     trained = train_loop.train(args, make_hook=lambda net, a: FloatWeights(), build_model=build, method="qat")
-    return model_lib.model_from_state_dict(float_state_dict(trained))
+    return surgery.model_from_state_dict(float_state_dict(trained))
 
 
 def main(args: argparse.Namespace) -> list[dict]:
@@ -193,12 +173,12 @@ def main(args: argparse.Namespace) -> list[dict]:
         qat_fp32 = onnx_export.export_onnx(tuned, out / "qat_fp32.onnx", size, dynamo)
         models.append(("small int8 QAT (onnxruntime)",
                        quantize_onnx(qat_fp32, out / "int8_qat.onnx", batches, args.reduce_range), tuned))
-    rows = runtime_comparison.compare({}, size, [1], torch.device("cpu"), 5, args.repeats, args.threads,
+    rows = compare({}, size, [1], torch.device("cpu"), 5, args.repeats, args.threads,
                                       extra_onnx={name: (path, net) for name, path, net in models}, test_dir=test_dir)
     print(f"{args.checkpoint}: {small.arch} at {size[0]}x{size[1]}, CPU batch 1, calibrated on "
           f"{sum(len(b) for b in batches)} training images")
-    print(runtime_comparison.format_table(rows, [1]))
-    runtime_comparison.write_outputs(rows, out / "quantization")
+    print(format_table(rows, [1]))
+    write_outputs(rows, out / "quantization")
     print(f"wrote {out}/quantization.csv and .json")
     return rows
 

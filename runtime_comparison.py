@@ -15,17 +15,13 @@ from pathlib import Path
 
 import torch
 
-import cli
-import data
 import model as model_lib
-import onnx_export
-import test as test_lib
-import utils
-from dataset_layout import DatasetError
 from pruner import PruneError
-from small_model import make_deploy_model, small_from_checkpoint
-from toolkit.int8 import QuantizationError, onnx_available
-from toolkit.latency import OPTIONAL_COLUMNS, add_ratios, format_table, median_latencies, write_outputs  # noqa: F401
+from toolkit import cli, data, features, onnx_export, utils
+from toolkit.int8 import QuantizationError, calibration_batches, onnx_available, quantize_onnx
+from toolkit.latency import OPTIONAL_COLUMNS, add_ratios, compare, format_table, median_latencies, write_outputs  # noqa: F401
+from toolkit.layouts import DatasetError
+from toolkit.surgery import make_deploy_model, small_from_checkpoint
 
 
 def get_args_parser() -> argparse.ArgumentParser:
@@ -57,53 +53,8 @@ def get_args_parser() -> argparse.ArgumentParser:
     return p
 
 
-def compare(models: dict[str, torch.nn.Module], input_size: tuple[int, int], batch_sizes: list[int],
-            device: torch.device, warmup: int, repeats: int, onnx_threads: int | None = None,
-            onnx_models: tuple[str, ...] = (), extra_onnx: dict[str, tuple[Path, torch.nn.Module]] | None = None,
-            test_dir: str | Path | None = None, onnx_dynamo: bool = True) -> list[dict]:
-    """One row per model, per model named in onnx_models also run under ONNX Runtime, and per ready ONNX
-    file in extra_onnx ({row name: (path, the model it computes)}, e.g. an INT8 one): params, MACs, MAC
-    ratio, size of the ONNX files, mAP and Rank-1 on test_dir (when given) and latency per batch size.
-    MAC ratio and speed-up are relative to the first model. All rows of one batch size are timed in turns."""
-    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
-    rows, runners, features = [], {}, {}
-    inputs = {b: torch.randn(b, 3, *input_size, device=device) for b in batch_sizes}
-
-    def add_onnx(name: str, path: Path, net: torch.nn.Module) -> None:
-        # no spinning: idle worker threads of one session would take the cores from the next one timed
-        session = onnx_export.onnx_session(path, onnx_threads, spinning=False)
-        rows.append({"model": name, "params": model_lib.inference_params(net),
-                     "macs": utils.count_macs(net, input_size), "size_mb": path.stat().st_size / 1e6})
-        runners[name] = {b: (lambda x=x.cpu().numpy(): session.run(None, {"images": x})) for b, x in inputs.items()}
-        features[name] = lambda images: onnx_export.onnx_features(session, images)
-
-    for name, net in models.items():
-        net = net.eval().to(device)
-        rows.append({"model": name, "params": model_lib.inference_params(net),
-                     "macs": utils.count_macs(net, input_size)})
-        runners[name] = {b: (lambda net=net, x=x: net.extract(x)) for b, x in inputs.items()}
-        features[name] = lambda images, net=net, name=name: test_lib.extract_features(net, images, device, 64, 0,
-                                                                                       name)
-    with tempfile.TemporaryDirectory() as tmp:
-        for name in onnx_models:
-            path = onnx_export.export_onnx(models[name], Path(tmp) / f"{len(rows)}.onnx", input_size, onnx_dynamo)
-            add_onnx(f"{name} (onnxruntime)", path, models[name])
-        for name, (path, net) in (extra_onnx or {}).items():
-            add_onnx(name, Path(path), net)
-        if test_dir is not None:
-            for row in rows:
-                row.update(test_lib.reid_accuracy(features[row["model"]], test_dir, input_size))
-        with torch.inference_mode():
-            for b in batch_sizes:
-                ms = median_latencies({name: fns[b] for name, fns in runners.items()}, warmup, repeats, sync)
-                for row in rows:
-                    row[f"ms_b{b}"] = ms[row["model"]]
-    return add_ratios(rows, batch_sizes)
-
-
 def int8_file(run: Path, deploy: torch.nn.Module, args: argparse.Namespace, size: tuple[int, int]) -> Path:
     """RUN/net_<epoch>_small_int8.onnx: the deploy form statically quantized, calibrated on training images."""
-    from quantize import calibration_batches, quantize_onnx
     opts = utils.load_options(run / "opts.yaml") if (run / "opts.yaml").is_file() else {}
     source = args.calib_dir or opts.get("data_dir")
     if not source:
@@ -121,7 +72,7 @@ def main(args: argparse.Namespace) -> list[dict]:
     if args.int8 and not use_onnx:
         raise DatasetError("--int8 needs the ONNX Runtime rows: CPU, onnxruntime and onnxscript installed, "
                            "no --no_onnx")
-    run = test_lib.find_run(args.name, args.results_dir)
+    run = features.find_run(args.name, args.results_dir)
     state = model_lib.load_checkpoint(run / f"net_{args.which_epoch}.pth")
     zeroed, small = small_from_checkpoint(state, args.NonL1, args.prune_rate)
     if args.threads:

@@ -13,21 +13,18 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-import cli
 import model as model_lib
-import test as test_lib
-import utils
-from dataset_layout import DatasetError
-from evaluate_gpu import EvaluationError
 from pruner import PruneError
-from small_model import make_deploy_model, make_small_model, max_feature_difference, small_from_checkpoint  # noqa: F401
+from toolkit import cli, features, utils
+from toolkit.layouts import DatasetError
+from toolkit.ranking import EvaluationError
+from toolkit.surgery import make_deploy_model, make_small_model, max_feature_difference, small_from_checkpoint  # noqa: F401
 
 EXACT_TOLERANCE = 1e-5
 
 
 def get_args_parser() -> argparse.ArgumentParser:
-    p = test_lib.get_args_parser()
-    p.description = __doc__.splitlines()[0]
+    p = features.add_test_args(cli.ArgumentParser(description=__doc__.splitlines()[0]))
     p.add_argument("--NonL1", action="store_true",
                    help="the checkpoint is a zeroed BAFD/SFP/FPGM one: remove its all-zero filters")
     p.add_argument("--prune_rate", type=cli.prune_fraction, default=None,
@@ -41,10 +38,10 @@ def get_args_parser() -> argparse.ArgumentParser:
 
 
 def main(args: argparse.Namespace) -> dict:
-    run = test_lib.find_run(args.name, args.results_dir)
+    run = features.find_run(args.name, args.results_dir)
     state = model_lib.load_checkpoint(run / f"net_{args.which_epoch}.pth")
     opts = utils.load_options(run / "opts.yaml") if (run / "opts.yaml").is_file() else {}
-    size = test_lib.input_size(args, opts)
+    size = features.input_size(args, opts)
     zeroed, small = small_from_checkpoint(state, args.NonL1, args.prune_rate, args.network_arch)
     diff = max_feature_difference(zeroed, small, size)
     if diff > EXACT_TOLERANCE:
@@ -59,14 +56,14 @@ def main(args: argparse.Namespace) -> dict:
     utils.save_atomic(small.state_dict(), save)
     print(f"saved the small model to {save}")
     if args.export_onnx:
-        import onnx_export
+        from toolkit import onnx_export
         path = onnx_export.export_onnx(make_deploy_model(small), args.export_onnx, size)
         onnx_diff = onnx_export.onnx_max_difference(small, path, size)
         check = "onnxruntime not installed: not checked" if onnx_diff is None else f"max |onnx - torch| {onnx_diff:.2e}"
         print(f"exported {path} (opset {onnx_export.OPSET}, dynamic batch, deployment form): {check}")
     if not args.no_features:
         device = utils.select_device(args.gpu_ids)
-        test_lib.write_features(small.to(device), args.test_dir, size, device, args)
+        features.write_features(small.to(device), args.test_dir, size, device, args)
     return {"params": small_cost[0], "macs": small_cost[1], "full_params": full_cost[0], "full_macs": full_cost[1],
             "max_difference": diff, "small_path": str(save)}
 

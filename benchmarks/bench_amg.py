@@ -19,8 +19,8 @@ import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
-import cli  # noqa: E402
-from runtime_comparison import format_table  # noqa: E402
+from toolkit import cli  # noqa: E402
+from toolkit.latency import format_table  # noqa: E402
 from transreid.config import load_config  # noqa: E402
 from transreid.runtime import random_pruned, runtime_table  # noqa: E402
 
@@ -35,9 +35,9 @@ def cpu_flags() -> str:
 
 
 def int8_main(args: argparse.Namespace, cfg) -> None:
-    from onnx_export import onnx_feeds, onnx_session
     from toolkit import int8
     from toolkit.latency import median_latencies
+    from toolkit.onnx_export import onnx_feeds, onnx_session
     from transreid.quantize import export_vit
     models = {"unpruned": random_pruned(cfg, 0, 0), "token 25% + head 25%": random_pruned(cfg, 0.25, 0.25)}
     size = (256, 128)

@@ -15,11 +15,11 @@ import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
-import runtime_comparison  # noqa: E402
 from classification import flops  # noqa: E402
 from classification.models import build_model  # noqa: E402
 from classification.sfp import SoftFilterMask, pruned_layers  # noqa: E402
 from classification.small import has_constants, inner_only, make_small_model, zero_filters  # noqa: E402
+from toolkit import latency  # noqa: E402
 
 CASES = [("resnet56", 0.6, 162, 32, False), ("resnet50", 0.7, 156, 224, True)]
 
@@ -65,7 +65,7 @@ def main() -> None:
                 runners[b] = {"full": (lambda m=full, x=x: m(x)), "small": (lambda m=small, x=x: m(x)),
                               "deploy": (lambda m=deploy, x=x: m(x))}
             if args.onnx:
-                import onnx_export
+                from toolkit import onnx_export
                 tmp = Path(tempfile.mkdtemp())
                 sessions = {name: onnx_export.onnx_session(onnx_export.export_onnx(m, tmp / f"{name}.onnx",
                                                                                    (size, size)),
@@ -77,7 +77,7 @@ def main() -> None:
                         runners[b][f"{name} (onnxruntime)"] = (lambda s=s, x=x: s.run(None, {"images": x}))
             for b in batches:
                 n = runners[b]
-                ms = runtime_comparison.median_latencies(n, warmup=3, repeats=args.repeats if b == 1 else
+                ms = latency.median_latencies(n, warmup=3, repeats=args.repeats if b == 1 else
                                                          max(3, args.repeats // 4))
                 real_b = b if not (b >= 64 and size >= 224) else 32
                 line = (f"  batch {real_b}: eager full {ms['full']:.2f} ms, small {ms['small']:.2f} ms = "

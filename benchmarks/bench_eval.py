@@ -23,8 +23,9 @@ import scipy.io
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from evaluate_gpu import evaluate  # noqa: E402
 from naive_eval import naive_evaluate  # noqa: E402
+
+from evaluate_gpu import evaluate  # noqa: E402
 
 SIZES = {"market": (3368, 19732, 751, 6), "msmt": (11659, 82161, 3060, 15)}
 

@@ -19,6 +19,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "benchmarks"))
 import naive_pruner  # noqa: E402
+
 import pruner  # noqa: E402
 from model import ft_net  # noqa: E402
 

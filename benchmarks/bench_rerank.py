@@ -49,6 +49,7 @@ def run_one(which: str, size: str) -> dict:
         metrics = evaluate_reranked(*case, RerankParams(20, 6, 0.3), progress=True)["reference"]
     else:
         from naive_rerank import naive_rerank
+
         from toolkit.ranking import evaluate
         final = naive_rerank(case[0], case[3], 20, 6, 0.3, partition=True)
         # the reference ranks by ascending distance: score = -distance; the reversed gallery makes equal

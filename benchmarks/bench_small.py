@@ -19,10 +19,10 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 import model as model_lib  # noqa: E402
 import pruner  # noqa: E402
-import runtime_comparison  # noqa: E402
-import utils  # noqa: E402
 from model import ft_net  # noqa: E402
-from small_model import make_deploy_model, make_small_model, max_feature_difference  # noqa: E402
+from toolkit import latency, utils  # noqa: E402
+from toolkit.int8 import onnx_available  # noqa: E402
+from toolkit.surgery import make_deploy_model, make_small_model, max_feature_difference  # noqa: E402
 
 
 class DownsampleOnly(nn.Module):
@@ -51,12 +51,13 @@ def compiled_rows(models: dict, repeats: int) -> list[dict]:
     """Batch-1 latency of each model's feature extractor compiled by inductor with frozen weights
     (the compiled models timed in turns)."""
     import torch._inductor.config as inductor_config
-    from onnx_export import FeatureExtractor
+
+    from toolkit.onnx_export import FeatureExtractor
     inductor_config.freezing = True  # constant-folds BN into the convs and prepacks the weights
     x = torch.randn(1, 3, 256, 128)
     compiled = {f"{name} (compiled)": torch.compile(FeatureExtractor(net).eval()) for name, net in models.items()}
     with torch.inference_mode():
-        ms = runtime_comparison.median_latencies({name: (lambda c=c: c(x)) for name, c in compiled.items()}, 5, repeats)
+        ms = latency.median_latencies({name: (lambda c=c: c(x)) for name, c in compiled.items()}, 5, repeats)
     return [{"model": f"{name} (compiled)", "params": model_lib.inference_params(net),
              "macs": utils.count_macs(net, (256, 128)), "ms_b1": ms[f"{name} (compiled)"]}
             for name, net in models.items()]
@@ -82,16 +83,16 @@ def main() -> None:
     for name, m in (("small", small), ("small deploy", deploy)):
         print(f"max |{name} - zeroed| feature difference {max_feature_difference(net, m, (256, 128)):.2e}")
     models = {"full": net, "small": small, "small deploy": deploy}
-    onnx = tuple(models) + ("unpruned part",) if runtime_comparison.onnx_available() else ()
+    onnx = tuple(models) + ("unpruned part",) if onnx_available() else ()
     if onnx:
         models["unpruned part"] = unpruned_part(deploy)
-    rows = runtime_comparison.compare(models, (256, 128), [1], torch.device("cpu"),
+    rows = latency.compare(models, (256, 128), [1], torch.device("cpu"),
                                       warmup=5, repeats=args.repeats, onnx_threads=args.threads, onnx_models=onnx)
     if args.compile:
         rows += compiled_rows({"full": net, "small deploy": deploy}, args.repeats)
-        runtime_comparison.add_ratios(rows, [1])
+        latency.add_ratios(rows, [1])
     print(f"CPU, {torch.get_num_threads()} threads, batch 1, 3x256x128")
-    print(runtime_comparison.format_table(rows, [1]))
+    print(latency.format_table(rows, [1]))
     by = {r["model"]: r for r in rows}
     ratio = by["small"]["mac_ratio"]  # the pruned network's ratio (the deploy form computes a few zeros more)
     pairs = [("PyTorch eager", "full", "small"), ("PyTorch eager, deploy form", "full", "small deploy")]

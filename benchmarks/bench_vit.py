@@ -14,8 +14,8 @@ import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
-import cli  # noqa: E402
-from runtime_comparison import median_latencies  # noqa: E402
+from toolkit import cli  # noqa: E402
+from toolkit.latency import median_latencies  # noqa: E402
 from transreid.config import load_config  # noqa: E402
 from transreid.model import make_model  # noqa: E402
 

@@ -9,8 +9,7 @@ import io
 import json
 from pathlib import Path
 
-import cli
-import utils
+from toolkit import cli, utils
 
 COLUMNS = ["run", "arch", "rate", "epochs", "top1_last", "top5_last", "top1_best", "top5_best", "best_epoch",
            "paper_flops_down", "real_flops_down", "params_M", "small_params_M"]

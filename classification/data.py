@@ -15,7 +15,7 @@ from PIL import Image
 from torch.utils.data import DataLoader, Dataset, Sampler
 from torchvision import datasets, transforms
 
-from dataset_layout import DatasetError
+from toolkit.layouts import DatasetError
 
 CIFAR_MEAN = [x / 255 for x in (125.3, 123.0, 113.9)]
 CIFAR_STD = [x / 255 for x in (63.0, 62.1, 66.7)]

@@ -10,8 +10,6 @@ import argparse
 import csv
 import io
 import json
-import math
-import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -20,20 +18,27 @@ import torch
 from torch import nn
 from tqdm import tqdm
 
-import distributed
 import model as reid_model
-import utils
 from classification import data as cdata
 from classification import flops
 from classification.models import CIFAR_DEPTHS, ModelError, build_model, check_arch, conv_units
 from classification.sfp import SoftFilterMask, pruned_layers
-from classification.small import has_constants, make_small_model, zero_filters
-from dataset_layout import DatasetError
-from toolkit.errors import UserError
+from classification.small import has_constants, inner_only, make_small_model, zero_filters
+from toolkit import distributed, utils
+from toolkit.layouts import DatasetError
+from toolkit.run import (
+    RunError,
+    RunFolder,
+    check_finite_loss,
+    check_finite_weights,
+    check_same_run,
+    gather_rng,
+    restore_rng,
+    save_checkpoint,
+    state_dict_mismatch,
+)
 
-
-class TrainingError(UserError):
-    """Training cannot go on (a non-finite loss, a run that would be overwritten); printed as one line."""
+TrainingError = RunError  # the name the classification scripts know
 
 
 USER_ERRORS = (DatasetError, reid_model.ModelError, TrainingError)  # ModelError of both packages
@@ -128,8 +133,22 @@ def from_reference_layout(state: dict, path: str | Path) -> dict:
 def load_weights(net: nn.Module, state: dict, path: str | Path) -> None:
     try:
         net.load_state_dict(state["state_dict"])
-    except RuntimeError as e:
-        raise ModelError(f"{path} does not fit {state.get('arch', '?')}: {str(e).splitlines()[0]}") from None
+    except RuntimeError:
+        why, arch = state_dict_mismatch(net, state["state_dict"]), getattr(net, "arch", "?")
+        raise ModelError(f"{path} ({state.get('arch', '?')}) does not fit the {arch} being built: {why}") from None
+
+
+def shrink(state: dict, path: str, deploy: bool = False) -> tuple:
+    """(the network with zeros, its small model, the removed filters per conv, whether BN constants are
+    carried) of an engine.load_checkpoint state."""
+    net = build_model(state["arch"], state["num_classes"])
+    load_weights(net, state, path)
+    net.eval()
+    pruned = zero_filters(net, state.get("layers", []))
+    with_constants = has_constants(net, pruned)
+    if deploy:
+        pruned = inner_only(net, pruned)
+    return net, make_small_model(net, pruned, with_constants).eval(), pruned, with_constants
 
 
 def dataset(data: str, arch: str, train: bool, image_size: int = 224) -> torch.utils.data.Dataset:
@@ -171,10 +190,7 @@ def train_one_epoch(model: nn.Module, loader, optimizer, device: torch.device, e
         logits = model(images)
         loss = criterion(logits, target)
         loss_value = loss.item()
-        if not math.isfinite(loss_value):
-            raise TrainingError(f"the loss is {loss_value} at epoch {epoch + 1}, step {step}/{len(loader)}: "
-                                "training diverged (try a lower learning rate); the last checkpoint is the "
-                                "previous epoch's")
+        check_finite_loss(loss_value, f"epoch {epoch + 1}, step {step}/{len(loader)}")
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
@@ -226,20 +242,20 @@ def write_log(history: list[dict], path: Path) -> None:
     utils.write_text_atomic(buf.getvalue(), path)
 
 
-def check_save_dir(r: Recipe, overwrite: bool) -> Path:
-    if r.resume and overwrite and not r.evaluate:
-        raise TrainingError("--resume continues the run, --overwrite replaces it: give one")
+def run_folder(r: Recipe, overwrite: bool) -> RunFolder | None:
+    """The save folder (None for -e): an existing run there needs --overwrite, or --resume of its own
+    checkpoint.pth (a --resume from elsewhere starts a new run folder at that epoch)."""
+    if r.evaluate:
+        return None
     out = Path(r.save_dir)
-    resuming_here = r.resume and Path(r.resume).resolve().parent == out.resolve()
-    if not r.evaluate and (out / "checkpoint.pth").is_file() and not (overwrite or resuming_here):
-        raise TrainingError(f"{out} already holds a run: pass --resume {out / 'checkpoint.pth'} to continue it, "
-                            "--overwrite to replace it, or choose another save folder")
-    if not r.evaluate:  # found now, not when the first epoch's checkpoint is written
-        existing = next(p for p in (out, *out.resolve().parents) if p.exists())
-        if not existing.is_dir() or not os.access(existing, os.W_OK | os.X_OK):
-            raise TrainingError(f"the save folder {out} cannot be written ({existing} is "
-                                f"{'not a folder' if not existing.is_dir() else 'read-only'})")
-    return out
+    resuming_here = bool(r.resume) and Path(r.resume).resolve().parent == out.resolve()
+    if r.resume and overwrite:
+        raise RunError("--resume continues the run, --overwrite replaces it: give one")
+    return RunFolder(out, resume=resuming_here, overwrite=overwrite, markers=("checkpoint.pth", "model_best.pth"),
+                     resume_file=Path(r.resume).name if resuming_here else "checkpoint.pth",
+                     resume_hint=f"pass --resume {out / 'checkpoint.pth'} to continue it",
+                     elsewhere="choose another save folder",
+                     inputs=[r.data, r.sparse, r.resume, r.pretrained if isinstance(r.pretrained, str) else None])
 
 
 # the options that define a run: a --resume must match them (paths compared resolved)
@@ -251,22 +267,20 @@ def run_definition(r: Recipe) -> dict:
     return {k: (str(Path(r.data).resolve()) if k == "data" else getattr(r, k)) for k in RUN_DEFINING}
 
 
-def check_same_run(r: Recipe, resume: dict) -> None:
+def check_same_recipe(r: Recipe, resume: dict) -> None:
     """--resume continues the run it names: the first option that differs is an error."""
     saved = resume.get("recipe")
     if saved is None:  # written before the recipe was saved: what the checkpoint itself tells
         saved = {"arch": resume["arch"], "prune_bn": resume.get("prune_bn", False)}
         if resume.get("rate", 1.0) != 1.0:
             saved["rate"] = resume["rate"]
-    for key, value in run_definition(r).items():
-        if key in saved and saved[key] != value:
-            raise TrainingError(f"--resume: {key} is {value!r} but the run in {r.resume} used {saved[key]!r}")
+    check_same_run(saved, run_definition(r), r.resume, RUN_DEFINING, path_keys=("data",))
 
 
 def run(r: Recipe, overwrite: bool = False) -> dict:
     """Train (and prune), or with r.evaluate only evaluate; returns the final metrics."""
     check_recipe(r)
-    out = check_save_dir(r, overwrite)
+    folder = run_folder(r, overwrite)
     resume = load_checkpoint(r.resume) if r.resume else None
     sparse = load_checkpoint(r.sparse) if r.sparse else None
     if resume is not None and resume.get("reference_layout") and not r.evaluate:
@@ -276,7 +290,7 @@ def run(r: Recipe, overwrite: bool = False) -> dict:
         if "optimizer" not in resume:
             raise TrainingError(f"--resume {r.resume} holds no optimiser or epoch state (model_best.pth?): resume "
                                 "from the run's checkpoint.pth, or start from these weights with --use_sparse")
-        check_same_run(r, resume)
+        check_same_recipe(r, resume)
     device = distributed.setup(r.gpu_ids)
     rank, world, main = distributed.rank(), distributed.world_size(), distributed.is_main()
     utils.seed_everything(r.seed + rank)
@@ -306,9 +320,7 @@ def run(r: Recipe, overwrite: bool = False) -> dict:
     if resume is not None and "optimizer" in resume:
         optimizer.load_state_dict(resume["optimizer"])
         start, history, best = resume["epoch"], resume["history"], resume["best"]
-        saved = resume["rng"]  # one state per rank (a file written before that holds rank 0's only)
-        utils.set_rng_state(saved[rank] if isinstance(saved, list) and rank < len(saved) else
-                            saved[0] if isinstance(saved, list) else saved)
+        restore_rng(resume["rng"])  # one state per rank (a file written before that holds rank 0's only)
     elif mask is not None:  # SFP masks once before training
         mask.step(net)
         distributed.broadcast_module(net)
@@ -317,36 +329,54 @@ def run(r: Recipe, overwrite: bool = False) -> dict:
     if main:
         what = f"SFP keep {r.rate} on {len(layers)} convs" if r.prune else "no pruning"
         print(f"{r.arch}: {num_classes} classes, {len(train_set)} train / {len(test_set)} test images, {what}, "
-              f"device {device}{f' x {world}' if world > 1 else ''}, outputs in {out}")
+              f"device {device}{f' x {world}' if world > 1 else ''}, outputs in {folder.final}")
         if r.prune:
             print("  " + cost_report(net, r, layers)["line"])
-    for epoch in range(start, r.epochs):
-        lr = r.learning_rate(epoch)
-        for group in optimizer.param_groups:
-            group["lr"] = lr
-        stats = train_one_epoch(model, train_loader, optimizer, device, epoch, r)
-        if mask is not None and (epoch % r.epoch_prune == 0 or epoch == r.epochs - 1):
-            if main:
-                mask.step(net)
-            distributed.broadcast_module(net)
-        metrics = evaluate(model, test_loader, device)
-        rng = distributed.all_gather_object(utils.rng_state())  # every rank's own state, for --resume
-        if not main:
-            continue
-        history.append({"epoch": epoch + 1, "lr": lr, **stats, **metrics})
-        if metrics["top1"] > best["top1"]:
-            best = {"top1": metrics["top1"], "top5": metrics["top5"], "epoch": epoch + 1}
-            utils.save_atomic(checkpoint(net, r, num_classes, layers, epoch + 1, None, history, best),
-                              out / "model_best.pth")
-        print(f"epoch {epoch + 1}/{r.epochs} lr {lr:.4g} loss {stats['loss']:.4f} train {stats['train_top1']:.2f}% "
-              f"| test top-1 {metrics['top1']:.2f}% top-5 {metrics['top5']:.2f}%{' after masking' if mask else ''} "
-              f"| best {best['top1']:.2f}% (epoch {best['epoch']}) {stats['seconds']:.1f}s", flush=True)
-        utils.save_atomic(checkpoint(net, r, num_classes, layers, epoch + 1, optimizer, history, best, rng),
-                          out / "checkpoint.pth")
-        write_log(history, out / "log.csv")
-    result = finish(net, r, layers, history, best, out) if main and history else {}
+    folder.start()
+    try:
+        for epoch in range(start, r.epochs):
+            train_epoch(epoch, net, model, mask, optimizer, train_loader, test_loader, device, r, folder, history,
+                        best, (num_classes, layers))
+        result = finish(net, r, layers, history, best, folder.path) if main and history else {}
+    except BaseException:
+        folder.discard()
+        raise
     distributed.cleanup()
     return result
+
+
+def train_epoch(epoch: int, net: nn.Module, model: nn.Module, mask, optimizer, train_loader, test_loader,
+                device: torch.device, r: Recipe, folder: RunFolder, history: list[dict], best: dict,
+                shape: tuple[int, list[str]]) -> None:
+    """Train, mask, evaluate (the accuracy reported is after masking), then rank 0's files; `best` is
+    updated in place."""
+    main = distributed.is_main()
+    lr = r.learning_rate(epoch)
+    for group in optimizer.param_groups:
+        group["lr"] = lr
+    stats = train_one_epoch(model, train_loader, optimizer, device, epoch, r)
+    check_finite_weights(net, f"epoch {epoch + 1}")
+    if mask is not None and (epoch % r.epoch_prune == 0 or epoch == r.epochs - 1):
+        if main:
+            mask.step(net)
+        distributed.broadcast_module(net)
+    metrics = evaluate(model, test_loader, device)
+    rng = gather_rng()  # every rank's own state, for --resume
+    if not main:
+        return
+    out, (num_classes, layers) = folder.path, shape
+    history.append({"epoch": epoch + 1, "lr": lr, **stats, **metrics})
+    if metrics["top1"] > best["top1"]:
+        best.update(top1=metrics["top1"], top5=metrics["top5"], epoch=epoch + 1)
+        save_checkpoint(checkpoint(net, r, num_classes, layers, epoch + 1, None, history, best),
+                        out / "model_best.pth")
+    print(f"epoch {epoch + 1}/{r.epochs} lr {lr:.4g} loss {stats['loss']:.4f} train {stats['train_top1']:.2f}% "
+          f"| test top-1 {metrics['top1']:.2f}% top-5 {metrics['top5']:.2f}%{' after masking' if mask else ''} "
+          f"| best {best['top1']:.2f}% (epoch {best['epoch']}) {stats['seconds']:.1f}s", flush=True)
+    save_checkpoint(checkpoint(net, r, num_classes, layers, epoch + 1, optimizer, history, best, rng),
+                    out / "checkpoint.pth")
+    write_log(history, out / "log.csv")
+    folder.commit()
 
 
 def checkpoint(net: nn.Module, r: Recipe, num_classes: int, layers: list[str], epoch: int, optimizer,
@@ -375,7 +405,7 @@ def finish(net: nn.Module, r: Recipe, layers: list[str], history: list[dict], be
 
 
 def add_device_args(p: argparse.ArgumentParser) -> None:
-    import cli
+    from toolkit import cli
     p.add_argument("--gpu_ids", default="0", help="GPU id; the CPU is used when CUDA is absent (several GPUs: "
                                                   "torchrun --nproc_per_node N -m classification....)")
     p.add_argument("--prune_bn", action="store_true",

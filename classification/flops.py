@@ -4,8 +4,8 @@ from __future__ import annotations
 
 from torch import nn
 
-import utils
 from classification.models import CIFAR_DEPTHS
+from toolkit import utils
 
 
 def paper_cifar_macs(depth: int, rate: float) -> float:

@@ -12,12 +12,9 @@ from pathlib import Path
 
 import torch
 
-import cli
-import utils
 from classification import engine, flops
-from classification.models import build_model
-from classification.small import (has_constants, inner_only, load_small, make_small_model, small_checkpoint,
-                                  zero_filters)
+from classification.small import load_small, small_checkpoint
+from toolkit import cli, utils
 
 TOLERANCE = 1e-5
 
@@ -43,21 +40,10 @@ def max_relative_difference(a: torch.nn.Module, b: torch.nn.Module, size: int) -
 
 def main(args: argparse.Namespace) -> dict:
     out = Path(args.save_dir) / "small.pth"
-    if out.exists() and not args.overwrite:
-        raise engine.TrainingError(f"{out} exists: pass --overwrite to replace it")
+    cli.check_outputs({"small.pth in --save_dir": out, "--export_onnx": args.export_onnx}, {"--resume": args.resume},
+                      args.overwrite)
     state = engine.load_checkpoint(args.resume)
-    bad = [k for k, v in state["state_dict"].items() if v.is_floating_point() and not torch.isfinite(v).all()]
-    if bad:
-        raise engine.TrainingError(f"{args.resume}: {bad[0]} holds NaN or infinite values (did training diverge?); "
-                                   "nothing was written")
-    net = build_model(state["arch"], state["num_classes"])
-    engine.load_weights(net, state, args.resume)
-    net.eval()
-    pruned = zero_filters(net, state.get("layers", []))
-    with_constants = has_constants(net, pruned)
-    if args.deploy:
-        pruned = inner_only(net, pruned)
-    small = make_small_model(net, pruned, with_constants).eval()
+    net, small, pruned, with_constants = engine.shrink(state, args.resume, args.deploy)
     size = state.get("image_size", 32)
     diff = max_relative_difference(net, small, size)
     if not diff <= TOLERANCE:  # NaN never passes
@@ -75,7 +61,7 @@ def main(args: argparse.Namespace) -> dict:
     print(f"saved {out} (loads alone: max |reloaded - small| = "
           f"{max_relative_difference(small, reloaded, size):.1e})")
     if args.export_onnx:
-        import onnx_export
+        from toolkit import onnx_export
         path = onnx_export.export_onnx(small, args.export_onnx, (size, size))
         onnx_diff = onnx_export.onnx_max_difference(small, path, (size, size))
         print(f"exported {path}" + ("" if onnx_diff is None else f": max |onnx - torch| {onnx_diff:.2e}"))

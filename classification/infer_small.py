@@ -6,19 +6,19 @@ import argparse
 
 import torch
 
-import cli
-import distributed
-import utils
+import model as reid_model
 from classification import data as cdata
 from classification import engine, flops
 from classification.models import CIFAR_DEPTHS
 from classification.small import load_small
+from toolkit import cli, distributed, utils
 
 
 def get_args_parser() -> argparse.ArgumentParser:
     p = cli.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("data", help="CIFAR-10 folder (holding cifar-10-batches-py/) or ImageNet folder (train/, val/)")
-    p.add_argument("--small", required=True, help="small.pth from classification.get_small")
+    p.add_argument("--small", required=True,
+                   help="small.pth from classification.get_small (or a checkpoint with zero filters, shrunk here)")
     p.add_argument("-b", "--batch-size", dest="batch_size", type=cli.positive_int, default=256, help="images per step")
     p.add_argument("-j", "--workers", type=cli.nonnegative_int, default=4, help="data-loading worker processes")
     p.add_argument("--gpu_ids", default="0", help="GPU id; the CPU is used when CUDA is absent")
@@ -26,16 +26,29 @@ def get_args_parser() -> argparse.ArgumentParser:
     return p
 
 
-def main(args: argparse.Namespace) -> dict:
+def read_small(path: str) -> tuple[dict, torch.nn.Module]:
+    """(the checkpoint, its small model) of a get_small small.pth, or of a training checkpoint (this package's
+    or the SFP reference code's), shrunk here as get_small would."""
+    checkpoint = reid_model.load_checkpoint(path, None, "a checkpoint", "--small")
+    if "kept" not in checkpoint:
+        state = engine.load_checkpoint(path)
+        return state, engine.shrink(state, path)[1]
     try:
-        checkpoint = torch.load(args.small, map_location="cpu", weights_only=True)
-        small = load_small(checkpoint)
-    except (OSError, RuntimeError, KeyError, TypeError) as e:
-        raise engine.ModelError(f"{args.small} is not a small model of classification.get_small "
+        return checkpoint, load_small(checkpoint)
+    except (RuntimeError, KeyError, TypeError, ValueError) as e:
+        raise engine.ModelError(f"--small {path} is not a small model of classification.get_small "
                                 f"({type(e).__name__})") from None
-    device = distributed.setup(args.gpu_ids)
+
+
+def main(args: argparse.Namespace) -> dict:
+    checkpoint, small = read_small(args.small)
     cifar = checkpoint["arch"] in CIFAR_DEPTHS
     test_set = engine.dataset(args.data, checkpoint["arch"], False, args.image_size)
+    classes = 10 if cifar else len(test_set.classes)
+    if classes != checkpoint["num_classes"]:
+        raise engine.ModelError(f"{args.small} classifies {checkpoint['num_classes']} classes, {args.data} has "
+                                f"{classes}: another dataset than the model's")
+    device = distributed.setup(args.gpu_ids)
     loader = cdata.make_loader(test_set, args.batch_size, False, args.workers, rank=distributed.rank(),
                                world=distributed.world_size())
     metrics = engine.evaluate(small.to(device), loader, device)

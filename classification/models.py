@@ -103,8 +103,11 @@ def build_model(arch: str, num_classes: int, pretrained: bool | str = False) -> 
     if arch in CIFAR_DEPTHS:
         if pretrained:
             raise ModelError("--use_pretrain is for the ImageNet ResNets (there are no CIFAR ImageNet weights)")
-        return CifarResNet(CIFAR_DEPTHS[arch], num_classes)
+        net = CifarResNet(CIFAR_DEPTHS[arch], num_classes)
+        net.arch = arch
+        return net
     net = getattr(torchvision.models, arch)(num_classes=num_classes)
+    net.arch = arch  # named in messages
     if pretrained:
         state = reid_model.load_imagenet_state(arch, None if pretrained is True else Path(pretrained))
         if num_classes != 1000:

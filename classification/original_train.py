@@ -4,10 +4,9 @@
 """
 import argparse
 
-import cli
-import utils
 from classification import engine
-from classification.pruning_train import add_imagenet_args, recipe
+from classification.flags import add_imagenet_args, recipe
+from toolkit import cli, utils
 
 
 def get_args_parser() -> argparse.ArgumentParser:

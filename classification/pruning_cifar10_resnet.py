@@ -10,10 +10,9 @@ resnet110 324 (every conv, stem included). --rate 1 trains the unpruned baseline
 """
 import argparse
 
-import cli
-import utils
 from classification import engine
 from classification.models import CIFAR_DEPTHS
+from toolkit import cli, utils
 
 
 def get_args_parser() -> argparse.ArgumentParser:
@@ -31,7 +30,7 @@ def get_args_parser() -> argparse.ArgumentParser:
                    help="0-based epochs at which the learning rate is multiplied by the matching --gammas")
     p.add_argument("--gammas", type=cli.positive_float, nargs="*", default=[10, 0.2, 0.2, 0.2],
                    help="learning-rate factors, one per --schedule epoch")
-    p.add_argument("--rate", type=cli.positive_float, default=0.9, help="fraction of filters KEPT (0.7 prunes 30%%)")
+    p.add_argument("--rate", type=cli.keep_fraction, default=0.9, help="fraction of filters KEPT (0.7 prunes 30%%)")
     p.add_argument("--layer_begin", type=cli.nonnegative_int, default=0, help="first parameter index pruned")
     p.add_argument("--layer_end", type=cli.nonnegative_int, default=None,
                    help="last parameter index pruned, inclusive (default: the arch's last conv)")

@@ -41,8 +41,8 @@ def run_script(script: str, *args: str, cwd: Path | None = None, timeout: int = 
 @pytest.fixture(scope="session")
 def synthetic_market(tmp_path_factory) -> Path:
     """A small prepared synthetic Market-1501 (raw layout + pytorch/), shared by the whole session."""
-    from dataset_layout import prepare_market_like
     from make_synthetic_data import generate
+    from toolkit.layouts import prepare_market_like
     root = tmp_path_factory.mktemp("data") / "Market"
     generate("market", root, n_ids=12, per_id=8, n_cams=4, seed=3)
     prepare_market_like(root, "market")
@@ -60,7 +60,7 @@ def synthetic_occ_duke(tmp_path_factory) -> Path:
 
 def make_args(data_root, results, **over) -> argparse.Namespace:
     """Training arguments of a small from-scratch ResNet-18 run on a prepared synthetic dataset."""
-    import train_loop
+    from toolkit import train_loop
     argv = ["--data_dir", str(data_root / "pytorch"), "--train_all", "--network_arch", "resnet18", "--no_pretrained",
             "--Epochs", "3", "--batchsize", "8", "--height", "64", "--width", "32", "--workers", "0", "--lr", "0.1",
             "--results_dir", str(results), "--name", "run"]
@@ -76,7 +76,7 @@ TRAINED_RESNET18 = {"Epochs": 4, "height": 96, "width": 48}
 def trained_resnet18(synthetic_market, tmp_path_factory) -> Path:
     """net_last.pth of a ResNet-18 trained from scratch for 4 epochs at 96x48 on the synthetic Market:
     shared by the training test and the quantization test (which judges INT8 error on trained features)."""
-    import train_loop
+    from toolkit import train_loop
     results = tmp_path_factory.mktemp("trained")
     args = make_args(synthetic_market, results, **TRAINED_RESNET18)
     train_loop.train(args)

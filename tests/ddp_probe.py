@@ -8,9 +8,11 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import APFP_train  # noqa: E402
-import distributed  # noqa: E402
-import prune_hooks  # noqa: E402
-import train_loop  # noqa: E402
+from toolkit import (
+    distributed,  # noqa: E402
+    hooks,  # noqa: E402
+    train_loop,  # noqa: E402
+)
 
 
 def digest(tensors) -> str:
@@ -20,7 +22,7 @@ def digest(tensors) -> str:
     return h.hexdigest()
 
 
-class Probe(prune_hooks.MaskHook):
+class Probe(hooks.MaskHook):
     net = None
     syncs = 0
 
@@ -34,7 +36,7 @@ class Probe(prune_hooks.MaskHook):
 
 
 def make_hook(net, args):
-    hook = prune_hooks.bafd_hook(net, args)
+    hook = hooks.bafd_hook(net, args)
     probe = Probe(hook.mask, hook.decay, hook.meter)
     probe.net = net
     return probe

@@ -27,14 +27,15 @@ import scipy.io  # noqa: E402,F401
 import torch  # noqa: E402,F401
 import torchvision  # noqa: E402,F401
 
+import classification.engine  # noqa: E402,F401
+import classification.flags  # noqa: E402,F401
 import evaluate_gpu  # noqa: E402,F401
 import iterative_compress  # noqa: E402,F401
-import prune_hooks  # noqa: E402,F401
 import test  # noqa: E402,F401
-import train_loop  # noqa: E402,F401
 import transreid.amg  # noqa: E402,F401  (not the entry modules: run_module must import those itself)
 import transreid.datasets  # noqa: E402,F401
 import transreid.processor  # noqa: E402,F401
+from toolkit import hooks, train_loop  # noqa: E402,F401
 
 
 def child(case: dict, out: str, err: str) -> None:

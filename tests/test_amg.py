@@ -5,8 +5,8 @@ import math
 
 import pytest
 import torch
-
 from conftest import TINY_ATTN, TINY_CFG, TINY_HEAD, run_script
+
 from transreid import amg
 from transreid import model as tr
 from transreid.config import load_config
@@ -237,7 +237,7 @@ def test_finetune_resume_equals_uninterrupted(amg_runs, tiny_transreid_run):
 
 def test_onnx_export_of_a_pruned_model(tmp_path):
     pytest.importorskip("onnxruntime")
-    from onnx_export import export_onnx, onnx_max_difference
+    from toolkit.onnx_export import export_onnx, onnx_max_difference
     model = tiny_model().eval()
     amg.apply_token_masks(model, [torch.arange(21) % 2 == 0] * 3)
     amg.apply_head_masks(model, [torch.tensor([True, False, True, False])] * 3)

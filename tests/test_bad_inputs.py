@@ -16,16 +16,16 @@ import pytest
 import scipy.io
 import torch
 import torchvision
+from conftest import ROOT, run_script
 
 import APFP_train
 import evaluate_gpu
 import model as model_lib
 import test as test_lib
 import test_small
-import train_loop
-from conftest import ROOT, run_script
-from dataset_layout import prepare_market_like
 from make_synthetic_data import generate
+from toolkit import train_loop
+from toolkit.layouts import prepare_market_like
 
 RUN_NAME = "prune_APFP/knn2/market/0.90/no_1x1_3e-1_70_0.01_m95_fast"
 SEED_COMMANDS = [  # the BAFD README, character for character
@@ -193,10 +193,10 @@ def bad_cases(p: dict[str, Path]) -> list[tuple[str, str, list, str]]:
         ("results_dir is a file", "APFP_train.py", [*fresh, "--results_dir", p["bad"] / "a_file"], "a_file"),
         # runs that exist, resumes that do not fit
         ("existing run without --resume", "APFP_train.py", seed, "already holds a run"),
-        ("resume BAFD run with SFP", "SFP_train.py", [*sfp, "--resume", "--prune_rate", "0.2"], "method = 'bafd'"),
-        ("resume with another rate", "APFP_train.py", [*seed, "--resume", "--prune_rate", "0.5"], "prune_rate = 0.9"),
+        ("resume BAFD run with SFP", "SFP_train.py", [*sfp, "--resume", "--prune_rate", "0.2"], "used 'bafd'"),
+        ("resume with another rate", "APFP_train.py", [*seed, "--resume", "--prune_rate", "0.5"], "used 0.9"),
         ("resume with another decay", "APFP_train.py", [*seed, "--resume", "--decay_rate", "0.5"],
-         "decay_rate = 0.3"),
+         "used 0.3"),
         ("resume without resume.pth", "APFP_train.py", [*fresh, "--resume"], "resume.pth does not exist"),
         ("resume truncated", "APFP_train.py", [*seed, *at("trunc"), "--resume"], "trunc/resume.pth is corrupt"),
         ("resume not weights-only", "APFP_train.py", [*seed, *at("pickle"), "--resume"],
@@ -215,12 +215,12 @@ def bad_cases(p: dict[str, Path]) -> list[tuple[str, str, list, str]]:
         ("test: unknown run", "test.py", ["--name", "nothing_here", "--results_dir", p["bad"]], "no run"),
         ("test: missing epoch", "test.py", ["--name", p["run"], "--which_epoch", "99"], "does not exist"),
         ("test: NaN weights", "test.py", [*at("nan"), "--test_dir", p["data"], "--mat", p["bad"] / "nan.mat", *tiny],
-         "NaN or infinite features"),
+         "NaN or infinite values"),
         ("test: batchsize 0", "test.py", ["--name", p["run"], "--batchsize", "0"], "argument --batchsize"),
         ("test: mat in a file", "test.py", ["--name", p["run"], "--test_dir", p["data"], "--mat",
                                             p["bad"] / "a_file" / "r.mat", *tiny], "a_file"),
         ("test_small: truncated", "test_small.py", [*at("trunc"), "--NonL1", "--which_epoch", "1", "--no_features"],
-         "is corrupt"),
+         "truncated or corrupt"),
         ("evaluate: truncated mat", "evaluate_gpu.py", mat("truncated"), "cannot read"),
         ("evaluate: NaN features", "evaluate_gpu.py", mat("nan"), "NaN or infinite"),
         ("evaluate: lengths disagree", "evaluate_gpu.py", mat("length"), "gallery_label has 3 entries"),
@@ -276,7 +276,7 @@ def test_bad_inputs_are_one_line_errors_and_write_nothing(world, synthetic_marke
 
 
 def test_non_finite_loss_stops_with_epoch_and_step_and_keeps_last_checkpoint(synthetic_market, tmp_path, monkeypatch):
-    import losses
+    from toolkit import losses
     argv = ["--data_dir", str(synthetic_market / "pytorch"), "--train_all", "--network_arch", "resnet18",
             "--no_pretrained", "--Epochs", "3", "--batchsize", "24", "--height", "32", "--width", "16",
             "--workers", "0", "--results_dir", str(tmp_path), "--name", "run"]
@@ -299,17 +299,17 @@ def test_non_finite_loss_stops_with_epoch_and_step_and_keeps_last_checkpoint(syn
 
 def test_weights_that_diverge_are_not_saved():
     net = torch.nn.Linear(2, 2)
-    train_loop.check_finite_weights(net, 1)
+    train_loop.check_finite_weights(net, "epoch 1")
     with torch.no_grad():
         net.weight[0, 0] = float("inf")
     with pytest.raises(train_loop.TrainingError, match="epoch 4 \\(weight\\)"):
-        train_loop.check_finite_weights(net, 4)
+        train_loop.check_finite_weights(net, "epoch 4")
 
 
 def test_written_files_keep_the_normal_mode(tmp_path):
     import os
 
-    import utils
+    from toolkit import utils
     old = os.umask(0o022)
     try:
         utils.write_text_atomic("x", tmp_path / "a.txt")
@@ -325,9 +325,14 @@ def test_overwrite_replaces_an_existing_run(tmp_path):
     out.mkdir(parents=True)
     for name in ("net_7.pth", "opts.yaml", "resume.pth", "notes.txt"):
         (out / name).write_text("an earlier run")
-    args = argparse.Namespace(resume=False, overwrite=False)
+    args = argparse.Namespace(resume=False, overwrite=False, data_dir="d")
     with pytest.raises(train_loop.TrainingError, match="already holds a run"):
         train_loop.check_run_folder(out, args, "bafd")
     args.overwrite = True
-    train_loop.check_run_folder(out, args, "bafd")
-    assert [p.name for p in out.iterdir()] == ["notes.txt"]  # the run's own files only
+    folder, _ = train_loop.check_run_folder(out, args, "bafd")
+    folder.start()
+    (folder.path / "net_last.pth").write_text("the new run")
+    assert sorted(p.name for p in out.iterdir()) == ["net_7.pth", "notes.txt", "opts.yaml", "resume.pth"]
+    folder.commit()  # the first complete checkpoint: the folder now holds the new run only
+    assert [p.name for p in out.iterdir()] == ["net_last.pth"]
+    assert not any(p.name.startswith(".") for p in out.parent.iterdir())

@@ -8,14 +8,21 @@ import subprocess
 import numpy as np
 import pytest
 import torch
+from conftest import ROOT
 
 from classification import data as cdata
 from classification import engine, flops
 from classification.models import build_model, conv_units
 from classification.sfp import SoftFilterMask, n_pruned, pruned_layers
-from classification.small import (ScatterChannels, has_constants, inner_only, load_small, make_small_model,
-                                  small_checkpoint, zero_filters)
-from conftest import ROOT
+from classification.small import (
+    ScatterChannels,
+    has_constants,
+    inner_only,
+    load_small,
+    make_small_model,
+    small_checkpoint,
+    zero_filters,
+)
 
 LAYER_END = {"resnet20": 54, "resnet32": 90, "resnet56": 162, "resnet110": 324, "resnet18": 57, "resnet34": 105,
              "resnet50": 156, "resnet101": 309, "resnet152": 462}

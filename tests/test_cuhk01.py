@@ -4,11 +4,11 @@ import os
 from pathlib import Path
 
 import pytest
-
-import data
 from conftest import run_script
-from dataset_layout import parse_name, prepare_market_like
+
 from make_synthetic_data import generate
+from toolkit import data
+from toolkit.layouts import parse_name, prepare_market_like
 
 
 def names_under(folder: Path) -> dict[str, list[str]]:
@@ -19,7 +19,7 @@ def test_names_give_identity_and_camera():
     assert parse_name("0001001.png") == (1, 1) and parse_name("0001002.png") == (1, 1)
     assert parse_name("0971003.png") == (971, 2) and parse_name("0971004.png") == (971, 2)
     assert parse_name("0002_c1s1_000451_03.png") == (2, 1)  # other releases' names with other suffixes
-    from dataset_layout import DatasetError
+    from toolkit.layouts import DatasetError
     for bad in ("0001005.png", "001001.png", "0001001.txt"):
         with pytest.raises(DatasetError):
             parse_name(bad)
@@ -85,7 +85,7 @@ def test_edge_merge_has_2424_classes(tmp_path):
         root = tmp_path / name
         generate(fmt, root, n_ids=ids, per_id=4, n_cams=2, seed=1)
         if fmt == "cuhk01":
-            from dataset_layout import prepare_cuhk01
+            from toolkit.layouts import prepare_cuhk01
             prepare_cuhk01(root)
         else:
             prepare_market_like(root, fmt)

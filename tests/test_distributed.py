@@ -10,7 +10,6 @@ import pytest
 import scipy.io
 import torch
 import torch.multiprocessing as mp
-
 from conftest import ROOT, run_script
 
 TORCHRUN = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
@@ -63,9 +62,8 @@ def test_sharded_test_py_equals_single_process(synthetic_market, tmp_path):
 
 def step_gradients(rank: int, world: int, port: int, batch: dict, out: str) -> None:
     """One loss_and_backward on this rank's slice of `batch`; rank 0 saves the loss and gradients."""
-    import distributed
-    import train_loop
     from model import ft_net
+    from toolkit import distributed, train_loop
     if world > 1:
         os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world))
         torch.distributed.init_process_group("gloo", rank=rank, world_size=world)

@@ -11,7 +11,8 @@ import pruner
 import quantize
 import runtime_comparison
 from model import ft_net
-from small_model import make_small_model, max_feature_difference, small_model_from_state_dict
+from toolkit import surgery
+from toolkit.surgery import make_small_model, max_feature_difference, small_model_from_state_dict
 
 needs_onnx = pytest.mark.skipif(not runtime_comparison.onnx_available(),
                                 reason="onnxruntime/onnxscript not installed: INT8 export cannot run")
@@ -96,7 +97,7 @@ def test_one_iterative_round_gives_a_smaller_loadable_trainable_model(synthetic_
     assert rounds[1]["params"] < 0.5 * rounds[0]["params"] and rounds[1]["macs"] < rounds[0]["macs"]
     assert json.loads((out / "metrics.json").read_text()) == rounds
     state = torch.load(out / "round_1" / "net_last.pth", weights_only=True)
-    small = model_lib.model_from_state_dict(state)  # self-describing: no other file needed
+    small = surgery.model_from_state_dict(state)  # self-describing: no other file needed
     assert model_lib.inference_params(small) == rounds[1]["params"]
     # trainable: one SGD step on a softmax loss changes the weights and keeps the loss finite
     small.train()
@@ -143,7 +144,7 @@ def test_qat_model_saves_plain_weights():
     net = settle_bn(ft_net(4, "resnet18"), (64, 32))
     small = make_small_model(net, random_kept(net, torch.Generator().manual_seed(3), 0.5))
     qat = quantize.prepare_qat(small_model_from_state_dict(small.state_dict()))
-    plain = model_lib.model_from_state_dict(quantize.float_state_dict(qat))
+    plain = surgery.model_from_state_dict(quantize.float_state_dict(qat))
     assert set(plain.state_dict()) == set(small.state_dict())
     assert max_feature_difference(small, plain, (64, 32)) == 0.0
     # once the input ranges are observed, fake quantization changes the features only slightly
@@ -176,7 +177,7 @@ def test_int8_model_is_close_to_float_and_much_smaller(synthetic_market, trained
     assert rows[1]["mAP"] > rows[0]["mAP"] - 0.1  # INT8 keeps the accuracy
     images = np.concatenate(quantize.calibration_batches([synthetic_market / "pytorch" / "gallery"], 32, (96, 48),
                                                          seed=9))
-    from onnx_export import onnx_session
+    from toolkit.onnx_export import onnx_session
     for a, b in (("fp32", "int8_ptq"), ("qat_fp32", "int8_qat")):
         cos = quantize.cosine_similarity(onnx_session(out / f"{a}.onnx"), onnx_session(out / f"{b}.onnx"), images)
         assert cos.mean() >= 0.98 and cos.min() >= 0.9, (b, cos.mean(), cos.min())
@@ -185,7 +186,7 @@ def test_int8_model_is_close_to_float_and_much_smaller(synthetic_market, trained
 
 
 def test_fit_classifier_replaces_the_head_only_when_the_class_count_differs():
-    import train_loop
+    from toolkit import train_loop
     net = ft_net(4, "resnet18")
     backbone = net.model.conv1.weight.detach().clone()
     head = net.classifier.classifier[0]

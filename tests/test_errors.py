@@ -3,23 +3,21 @@ exit 2; torch's disk-full and pickle failures translated; a real bug still shows
 import pickle
 
 import pytest
-
 from conftest import run_script
+
 from toolkit import errors
 
 
 def test_every_package_error_is_a_user_error():
     import classification.engine
-    import cli
-    import dataset_layout
     import model
     import pruner
-    import train_loop
+    from toolkit import cli, layouts, train_loop
     from toolkit.int8 import QuantizationError
     from toolkit.ranking import EvaluationError
     from transreid.config import ConfigError
     from transreid.processor import RunError
-    for kind in (cli.UsageError, dataset_layout.DatasetError, model.ModelError, pruner.PruneError,
+    for kind in (cli.UsageError, layouts.DatasetError, model.ModelError, pruner.PruneError,
                  train_loop.TrainingError, classification.engine.TrainingError, EvaluationError, QuantizationError,
                  ConfigError, RunError):
         assert issubclass(kind, errors.UserError), kind

@@ -6,8 +6,8 @@ import sys
 import numpy as np
 import pytest
 import scipy.io
-
 from conftest import ROOT, run_script
+
 from evaluate_gpu import EvaluationError, evaluate, evaluate_protocols, multi_query_features
 
 sys.path.insert(0, str(ROOT / "benchmarks"))

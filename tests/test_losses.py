@@ -5,8 +5,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-import losses
-import train_loop
+from toolkit import losses, train_loop
 
 
 def circle_by_hand(feats, labels, m=0.25, gamma=64.0):

@@ -4,10 +4,9 @@ import argparse
 import pytest
 import torch
 
-import data
-import train_loop
-from dataset_layout import prepare_market_like
 from make_synthetic_data import generate
+from toolkit import data, train_loop
+from toolkit.layouts import prepare_market_like
 
 
 @pytest.fixture(scope="module")

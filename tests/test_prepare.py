@@ -3,10 +3,10 @@ import os
 from pathlib import Path
 
 import pytest
-
 from conftest import run_script
-from dataset_layout import parse_name
+
 from make_synthetic_data import generate
+from toolkit.layouts import parse_name
 
 
 def files_under(folder: Path) -> dict[str, list[str]]:

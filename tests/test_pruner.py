@@ -4,9 +4,9 @@ import sys
 import numpy as np
 import pytest
 import torch
+from conftest import ROOT
 
 import pruner
-from conftest import ROOT
 from model import ft_net
 
 sys.path.insert(0, str(ROOT / "benchmarks"))

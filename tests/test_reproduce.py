@@ -10,9 +10,9 @@ import numpy as np
 import pytest
 import scipy.io
 import torch
+from conftest import ROOT, run_script
 
 import collect_results
-from conftest import ROOT, run_script
 from evaluate_gpu import evaluate
 
 SCRIPTS = ["APFP_train.sh", "SFP_train.sh", "FPGM_train.sh", "L1_train.sh", "test.sh", "small_test.sh"]

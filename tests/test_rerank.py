@@ -6,10 +6,10 @@ import sys
 import numpy as np
 import pytest
 import scipy.io
+from conftest import ROOT, run_script
 from PIL import Image
 
 import toolkit.rerank as rerank
-from conftest import ROOT, run_script
 from toolkit.rank_pictures import CELL_H, CELL_W, COLOURS, FRAME, cell_origin
 from toolkit.ranking import EvaluationError
 from toolkit.rerank import KReciprocal, RerankParams, evaluate_reranked, top_neighbours
@@ -187,7 +187,9 @@ def test_script_errors_are_one_line(tmp_path):
 
 def test_transreid_test_re_ranks_with_its_own_values(tiny_transreid_run, synthetic_occ_duke, tmp_path):
     import json
+
     from conftest import TINY_CFG
+
     from toolkit.rerank import TRANSREID_PARAMS
     common = ["--config_file", TINY_CFG, "DATASETS.ROOT_DIR", synthetic_occ_duke, "TEST.WEIGHT",
               tiny_transreid_run / "transformer_2.pth"]

@@ -3,14 +3,21 @@ import numpy as np
 import pytest
 import scipy.io
 import torch
+from conftest import run_script
 
 import pruner
 import runtime_comparison
-import utils
-from conftest import run_script
 from model import ft_net, inference_params
-from small_model import (kept_filters, make_small_model, max_feature_difference, pruned_cost, conv_output_sizes,
-                         small_model_from_state_dict, zero_filters)
+from toolkit import utils
+from toolkit.surgery import (
+    conv_output_sizes,
+    kept_filters,
+    make_small_model,
+    max_feature_difference,
+    pruned_cost,
+    small_model_from_state_dict,
+    zero_filters,
+)
 
 SIZE = (64, 32)
 
@@ -60,7 +67,7 @@ def test_small_equals_zeroed(arch, seed):
 def test_deploy_form_computes_the_same_features_with_aligned_widths(arch):
     net = random_zeroed(arch, 4)
     small = make_small_model(net)
-    from small_model import PrunedBlock, expand_small_model, make_deploy_model
+    from toolkit.surgery import PrunedBlock, expand_small_model, make_deploy_model
     expanded = expand_small_model(small).eval()
     assert type(expanded) is type(net) and max_feature_difference(net, expanded, SIZE) < 1e-5
     deploy, again = make_deploy_model(net), make_deploy_model(small)
@@ -125,7 +132,7 @@ def test_cost_counts_match_an_independent_count():
 def test_onnx_export_matches_pytorch(tmp_path):
     pytest.importorskip("onnxruntime", reason="onnxruntime is not installed")
     pytest.importorskip("onnxscript", reason="onnxscript (needed by torch's ONNX exporter) is not installed")
-    import onnx_export
+    from toolkit import onnx_export
     small = make_small_model(random_zeroed("resnet18", 6))
     path = onnx_export.export_onnx(small, tmp_path / "small.onnx", SIZE)
     assert onnx_export.onnx_max_difference(small, path, SIZE) < 1e-4

@@ -2,9 +2,9 @@
 import hashlib
 
 import pytest
-
 from conftest import run_script
-from dataset_layout import DUKE_RE, MARKET_RE, MSMT_RE
+
+from toolkit.layouts import DUKE_RE, MARKET_RE, MSMT_RE
 
 
 def digest(folder):

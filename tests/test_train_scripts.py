@@ -1,13 +1,12 @@
 """The four train scripts end to end on tiny synthetic data (CPU), and BAFD's resume."""
 import pytest
 import torch
+from conftest import run_script
 
 import APFP_train
-import prune_hooks
 import pruner
-import train_loop
-from conftest import run_script
-from model import model_from_state_dict
+from toolkit import hooks, train_loop
+from toolkit.surgery import model_from_state_dict
 
 COMMON = ["--train_all", "--network_arch", "resnet18", "--no_pretrained", "--Epochs", "2", "--batchsize", "8",
           "--height", "32", "--width", "16", "--workers", "0", "--lr", "0.1", "--prune_rate", "0.5"]
@@ -58,7 +57,7 @@ def test_bafd_epoch_end_decays_then_hard_zeroes_at_the_last_epoch():
     net = ft_net(4, "resnet18")
     args = APFP_train.get_args_parser().parse_args(["--network_arch", "resnet18", "--prune_rate", "0.5",
                                                     "--height", "64", "--width", "32"])
-    hook = prune_hooks.bafd_hook(net, args)
+    hook = hooks.bafd_hook(net, args)
     before = {k: v.clone() for k, v in net.state_dict().items()}
     hook.on_epoch_end(net, 1, last=False)
     name = max(hook.mask.rates, key=hook.mask.rates.get)
@@ -72,7 +71,7 @@ def test_bafd_epoch_end_decays_then_hard_zeroes_at_the_last_epoch():
     assert (net.state_dict()[name].flatten(1).abs().sum(1) == 0).sum() == len(hook.mask.selected[name])
 
 
-class CrashAt2(prune_hooks.MaskHook):
+class CrashAt2(hooks.MaskHook):
     def on_epoch_end(self, net, epoch, last):
         if epoch == 2:
             raise KeyboardInterrupt
@@ -84,16 +83,16 @@ def test_bafd_resume_reproduces_masks_and_weights(synthetic_market, tmp_path):
     argv = ["--data_dir", str(synthetic_market / "pytorch"), *COMMON, "--Epochs", "2", "--name", "r", "--knn", "2",
             "--save_epoch", "1"]
     parser = APFP_train.get_args_parser()
-    full = train_loop.train(parser.parse_args(argv + ["--results_dir", str(tmp_path / "a")]), prune_hooks.bafd_hook)
+    full = train_loop.train(parser.parse_args(argv + ["--results_dir", str(tmp_path / "a")]), hooks.bafd_hook)
 
     def crashing(net, args):
-        hook = prune_hooks.bafd_hook(net, args)
+        hook = hooks.bafd_hook(net, args)
         return CrashAt2(hook.mask, hook.decay, hook.meter)
 
     with pytest.raises(KeyboardInterrupt):
         train_loop.train(parser.parse_args(argv + ["--results_dir", str(tmp_path / "b")]), crashing)
     resumed = train_loop.train(parser.parse_args(argv + ["--results_dir", str(tmp_path / "b"), "--resume"]),
-                               prune_hooks.bafd_hook)
+                               hooks.bafd_hook)
     for (k, a), b in zip(full.state_dict().items(), resumed.state_dict().values()):
         assert torch.allclose(a.float(), b.float(), atol=1e-6), k
     masks = [torch.load(tmp_path / d / "ft_resnet18" / "r" / "resume.pth", weights_only=True)["hook"]
@@ -114,4 +113,4 @@ def test_bad_arguments_are_one_line_errors(synthetic_market, tmp_path):
     res = run_script("FPGM_train.py", "--data_dir", synthetic_market / "pytorch", "--results_dir", tmp_path,
                      *COMMON, "--network_arch", "resnet101")
     assert res.returncode == 2 and "unknown arch" in res.stderr
-    assert pruner.PruneError in prune_hooks.USER_ERRORS
+    assert pruner.PruneError in hooks.USER_ERRORS

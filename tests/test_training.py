@@ -4,11 +4,10 @@ import numpy as np
 import pytest
 import scipy.io
 import torch
-
-import losses
-import train_loop
 from conftest import TRAINED_RESNET18, make_args, run_script
+
 from evaluate_gpu import evaluate
+from toolkit import losses, train_loop
 
 
 def test_mining_picks_hardest_positive_and_negative():
@@ -35,8 +34,8 @@ def test_mining_without_negative_in_pool_scores_zero_and_keeps_gradient():
 
 
 def features_map(net, root, size: tuple[int, int]) -> float:
-    import data
-    from test import extract_features
+    from toolkit import data
+    from toolkit.features import extract_features
     t = data.test_transform(size)
     out = []
     for split in ("query", "gallery"):
@@ -46,7 +45,7 @@ def features_map(net, root, size: tuple[int, int]) -> float:
 
 
 def test_training_lowers_loss_and_beats_untrained(synthetic_market, trained_resnet18):
-    from model import model_from_state_dict
+    from toolkit.surgery import model_from_state_dict
     run = trained_resnet18.parent
     args = make_args(synthetic_market, run.parent.parent, **TRAINED_RESNET18)
     torch.manual_seed(args.seed)
@@ -91,9 +90,9 @@ def test_test_py_writes_reference_mat_layout(synthetic_market, tmp_path):
 
 
 def test_test_py_parses_msmt_two_digit_cameras(tmp_path):
-    from dataset_layout import prepare_msmt
     from make_synthetic_data import generate
     from model import ft_net
+    from toolkit.layouts import prepare_msmt
     root = tmp_path / "MSMT17_V1"
     generate("msmt", root, n_ids=6, per_id=6, n_cams=15, seed=1)
     prepare_msmt(root)
@@ -102,7 +101,7 @@ def test_test_py_parses_msmt_two_digit_cameras(tmp_path):
                      "--workers", "0", "--mat", tmp_path / "m.mat")
     assert res.returncode == 0, res.stderr
     mat = scipy.io.loadmat(tmp_path / "m.mat")
-    from dataset_layout import parse_name
+    from toolkit.layouts import parse_name
     expected = sorted(parse_name(p.name)[1] for p in (root / "pytorch" / "query").rglob("*.jpg"))
     assert sorted(mat["query_cam"].ravel().tolist()) == expected
     assert max(expected) >= 10

@@ -8,8 +8,8 @@ import pytest
 import torch
 import torch.multiprocessing as mp
 import torch.nn.functional as F
-
 from conftest import TINY_CFG, run_script
+
 from transreid import model as tr
 from transreid.config import ConfigError, load_config
 
@@ -209,7 +209,7 @@ def test_resume_equals_uninterrupted(tiny_transreid_run, synthetic_occ_duke, tmp
 
 def ddp_step(rank: int, world: int, port: int, batch: dict, out: str) -> None:
     """One forward/backward of the tiny model on this rank's share of `batch`; rank 0 saves loss and grads."""
-    import distributed
+    from toolkit import distributed
     from transreid.loss import make_loss
     if world > 1:
         os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world))

@@ -7,7 +7,6 @@ import numpy as np
 import onnx
 import pytest
 import torch
-
 from conftest import TINY_ATTN, TINY_CFG, TINY_HEAD, run_script
 
 pytest.importorskip("onnxruntime")

@@ -2,6 +2,7 @@
 `error: ...` line of at most 300 characters on stderr, exit status 2. No torch import here."""
 from __future__ import annotations
 
+import os
 import pickle
 import re
 import sys
@@ -27,7 +28,10 @@ def one_line(message: str) -> str:
 
 
 def fail(message: str, code: int = 2) -> None:
-    print(f"error: {one_line(message)}", file=sys.stderr)
+    """Print the one line and exit. Under torchrun every rank finds the same mistake (the checks run before
+    the process group starts): rank 0 prints it, every rank exits with the same status."""
+    if os.environ.get("RANK", "0") == "0":
+        print(f"error: {one_line(message)}", file=sys.stderr)
     sys.exit(code)
 
 

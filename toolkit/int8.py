@@ -16,7 +16,7 @@ from typing import Iterator
 
 import numpy as np
 
-from atomic_io import atomic_path
+from toolkit.atomic_io import atomic_path
 from toolkit.errors import UserError
 
 MODES = ("dynamic", "static")
@@ -62,8 +62,8 @@ def quantize_static(fp32_path: Path, int8_path: Path, batches: list[dict[str, np
 
     op_types: the operators whose inputs are quantized (default: all that ONNX Runtime supports)."""
     require_onnx()
-    from onnxruntime.quantization import (CalibrationDataReader, QuantFormat, QuantType, quant_pre_process,
-                                          quantize_static as ort_quantize_static)
+    from onnxruntime.quantization import CalibrationDataReader, QuantFormat, QuantType, quant_pre_process
+    from onnxruntime.quantization import quantize_static as ort_quantize_static
 
     class Reader(CalibrationDataReader):
         def __init__(self):
@@ -87,7 +87,8 @@ def quantize_static(fp32_path: Path, int8_path: Path, batches: list[dict[str, np
 def quantize_dynamic(fp32_path: Path, int8_path: Path) -> Path:
     """Dynamic INT8 quantization: int8 weights of every MatMul/Gemm, activations quantized at run time."""
     require_onnx()
-    from onnxruntime.quantization import QuantType, quantize_dynamic as ort_quantize_dynamic
+    from onnxruntime.quantization import QuantType
+    from onnxruntime.quantization import quantize_dynamic as ort_quantize_dynamic
     with quiet_quantizer(), atomic_path(int8_path) as tmp_out:
         ort_quantize_dynamic(str(fp32_path), str(tmp_out), op_types_to_quantize=["MatMul", "Gemm"],
                              weight_type=QuantType.QInt8)
@@ -99,3 +100,20 @@ def feature_cosine(a: np.ndarray, b: np.ndarray) -> np.ndarray:
     a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
     norms = np.linalg.norm(a, axis=1) * np.linalg.norm(b, axis=1)
     return (a * b).sum(1) / np.maximum(norms, 1e-12)
+
+
+def calibration_batches(roots: list[Path], n_images: int, size: tuple[int, int], batch: int = 16,
+                        seed: int = 0) -> list[np.ndarray]:
+    """`n_images` training images (a seeded random choice over all roots), test-transformed, in batches."""
+    import torch
+
+    from toolkit import data
+    dataset = data.AnchorPositives(roots, data.test_transform(size))
+    order = torch.randperm(len(dataset), generator=torch.Generator().manual_seed(seed))[:n_images].tolist()
+    images = [dataset.transform(data.load_rgb(dataset.samples[i][0])) for i in order]
+    return [torch.stack(images[s:s + batch]).numpy() for s in range(0, len(images), batch)]
+
+
+def quantize_onnx(fp32_path: Path, int8_path: Path, batches: list[np.ndarray], reduce_range: bool = False) -> Path:
+    """Static INT8 quantization (QDQ, per-channel weights) of a CNN's ONNX model, calibrated on `batches`."""
+    return quantize_static(fp32_path, int8_path, [{"images": x} for x in batches], reduce_range)

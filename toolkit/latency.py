@@ -5,11 +5,16 @@ import csv
 import io
 import json
 import statistics
+import tempfile
 import time
 from pathlib import Path
 from typing import Callable
 
-from atomic_io import write_text_atomic
+import torch
+
+import model as model_lib
+from toolkit import features, onnx_export, utils
+from toolkit.atomic_io import write_text_atomic
 
 
 def median_latencies(fns: dict[str, Callable[[], object]], warmup: int, repeats: int,
@@ -67,3 +72,47 @@ def write_outputs(rows: list[dict], stem: Path) -> None:
     writer.writerows(rows)
     write_text_atomic(buf.getvalue(), stem.with_suffix(".csv"))
     write_text_atomic(json.dumps(rows, indent=2), stem.with_suffix(".json"))
+
+
+def compare(models: dict[str, torch.nn.Module], input_size: tuple[int, int], batch_sizes: list[int],
+            device: torch.device, warmup: int, repeats: int, onnx_threads: int | None = None,
+            onnx_models: tuple[str, ...] = (), extra_onnx: dict[str, tuple[Path, torch.nn.Module]] | None = None,
+            test_dir: str | Path | None = None, onnx_dynamo: bool = True) -> list[dict]:
+    """One row per model, per model named in onnx_models also run under ONNX Runtime, and per ready ONNX
+    file in extra_onnx ({row name: (path, the model it computes)}, e.g. an INT8 one): params, MACs, MAC
+    ratio, size of the ONNX files, mAP and Rank-1 on test_dir (when given) and latency per batch size.
+    MAC ratio and speed-up are relative to the first model. All rows of one batch size are timed in turns."""
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    rows, runners, feature_fns = [], {}, {}
+    inputs = {b: torch.randn(b, 3, *input_size, device=device) for b in batch_sizes}
+
+    def add_onnx(name: str, path: Path, net: torch.nn.Module) -> None:
+        # no spinning: idle worker threads of one session would take the cores from the next one timed
+        session = onnx_export.onnx_session(path, onnx_threads, spinning=False)
+        rows.append({"model": name, "params": model_lib.inference_params(net),
+                     "macs": utils.count_macs(net, input_size), "size_mb": path.stat().st_size / 1e6})
+        runners[name] = {b: (lambda x=x.cpu().numpy(): session.run(None, {"images": x})) for b, x in inputs.items()}
+        feature_fns[name] = lambda images: onnx_export.onnx_features(session, images)
+
+    for name, net in models.items():
+        net = net.eval().to(device)
+        rows.append({"model": name, "params": model_lib.inference_params(net),
+                     "macs": utils.count_macs(net, input_size)})
+        runners[name] = {b: (lambda net=net, x=x: net.extract(x)) for b, x in inputs.items()}
+        feature_fns[name] = lambda images, net=net, name=name: features.extract_features(net, images, device, 64, 0,
+                                                                                       name)
+    with tempfile.TemporaryDirectory() as tmp:
+        for name in onnx_models:
+            path = onnx_export.export_onnx(models[name], Path(tmp) / f"{len(rows)}.onnx", input_size, onnx_dynamo)
+            add_onnx(f"{name} (onnxruntime)", path, models[name])
+        for name, (path, net) in (extra_onnx or {}).items():
+            add_onnx(name, Path(path), net)
+        if test_dir is not None:
+            for row in rows:
+                row.update(features.reid_accuracy(feature_fns[row["model"]], test_dir, input_size))
+        with torch.inference_mode():
+            for b in batch_sizes:
+                ms = median_latencies({name: fns[b] for name, fns in runners.items()}, warmup, repeats, sync)
+                for row in rows:
+                    row[f"ms_b{b}"] = ms[row["model"]]
+    return add_ratios(rows, batch_sizes)

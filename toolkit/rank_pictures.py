@@ -67,6 +67,6 @@ def draw_rank_rows(rows: list[RankRow], top: int) -> Image.Image:
 
 
 def save_png(image: Image.Image, path: str | os.PathLike) -> None:
-    from atomic_io import atomic_path
+    from toolkit.atomic_io import atomic_path
     with atomic_path(Path(path)) as tmp:
         image.save(tmp, format="PNG")

@@ -9,6 +9,8 @@ score at least as high as the query's worst good match are compared, as exact (s
 """
 from __future__ import annotations
 
+import os
+from pathlib import Path
 from typing import Callable
 
 import numpy as np
@@ -284,3 +286,37 @@ def multi_query_features(query_label, query_cam, mquery_f, mquery_label, mquery_
     return np.where(found[:, None], means[pos], own)
 
 
+def load_mat(path: str | os.PathLike, keys) -> dict:
+    import scipy.io
+    path = Path(path)
+    if not path.is_file():
+        raise EvaluationError(f"{path} does not exist (run test.py first)")
+    try:
+        mat = scipy.io.loadmat(path)
+    except Exception as e:  # scipy raises many kinds for a truncated or foreign file
+        raise EvaluationError(f"cannot read {path}: {str(e).splitlines()[0] if str(e) else type(e).__name__}") \
+            from None
+    missing = [k for k in keys if k not in mat]
+    if missing:
+        raise EvaluationError(f"{path} lacks the keys {', '.join(missing)}")
+    return mat
+
+
+def mat_metrics(mat_path: str | os.PathLike, protocol: str = "reference") -> dict:
+    """What `evaluate_gpu.py --json` writes for a test.py result file: the metrics of `protocol`, the other
+    protocol's under its name, and the multi-query ones when multi_query.mat lies beside it."""
+    mat = load_mat(mat_path, RESULT_KEYS)
+    q = (mat["query_f"], mat["query_label"], mat["query_cam"])
+    try:
+        arrays = check_inputs(*q, mat["gallery_f"], mat["gallery_label"], mat["gallery_cam"])
+        both = summarize(feature_query_results(*arrays))
+    except EvaluationError as e:
+        raise EvaluationError(f"{mat_path}: {e}") from None
+    other = "standard" if protocol == "reference" else "reference"
+    result = {**both[protocol], other: both[other], "protocol": protocol}
+    multi_file = Path(mat_path).with_name("multi_query.mat")
+    if multi_file.is_file() and multi_file.stat().st_mtime >= Path(mat_path).stat().st_mtime:
+        m = load_mat(multi_file, ("mquery_f", "mquery_label", "mquery_cam"))
+        mq = multi_query_features(q[1], q[2], m["mquery_f"], m["mquery_label"], m["mquery_cam"], q[0])
+        result["multi"] = summarize(feature_query_results(mq, *arrays[1:]))[protocol]
+    return result

@@ -23,8 +23,15 @@ import numpy as np
 import scipy.sparse as sp
 from tqdm import tqdm
 
-from toolkit.ranking import (EvaluationError, GalleryIndex, block_score_function, check_inputs, query_results,
-                             score_function, summarize)
+from toolkit.ranking import (
+    EvaluationError,
+    GalleryIndex,
+    block_score_function,
+    check_inputs,
+    query_results,
+    score_function,
+    summarize,
+)
 
 RERANK_CHUNK_ELEMENTS = 1 << 23  # 32 MB per float32 chunk array; several of them live at once
 QUERY_CACHE_BYTES = 512 << 20  # the query x gallery base distances are kept from the first pass up to this size

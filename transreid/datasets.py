@@ -16,8 +16,8 @@ import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
 from torchvision import transforms
 
-from data import load_rgb
-from dataset_layout import DatasetError, is_image, parse_name
+from toolkit.data import load_rgb
+from toolkit.layouts import DatasetError, is_image, parse_name
 from transreid.config import DATASETS
 
 SPLITS = {"train": "bounding_box_train", "query": "query", "gallery": "bounding_box_test"}

@@ -19,11 +19,17 @@ import argparse
 
 import torch
 
-import cli
-import distributed
-import utils
-from dataset_layout import DatasetError
-from model import load_checkpoint
+from toolkit import cli, distributed, utils
+from toolkit.layouts import DatasetError
+from toolkit.run import (
+    check_finite_weights,
+    check_run_flags,
+    gather_rng,
+    load_resume,
+    restore_rng,
+    save_checkpoint,
+    save_resume,
+)
 from transreid import amg, processor
 from transreid.config import ConfigError, get_args_parser, load_config
 from transreid.datasets import make_test_loader, make_train_loader, read_dataset
@@ -55,7 +61,7 @@ def cost_line(model, input_size) -> str:
             f"{measured / 1e9:.4g} GMACs measured (explicit attention)")
 
 
-def prune(cfg, net, model, loss_fn, teacher_loss, loader, device, round_: int, counts: list[int]) -> None:
+def prune(cfg, net, model, loss_fn, teacher_loss, loader, device, round_: int, counts: list[int], folder=None) -> None:
     """One scoring epoch on `model` (`net`: the same, DDP-wrapped under torchrun), then its AMG pruning
     step (in place)."""
     mode, n = cfg.FINETUNE.PRUNE_MODE, counts[round_]
@@ -81,26 +87,41 @@ def prune(cfg, net, model, loss_fn, teacher_loss, loader, device, round_: int, c
         scorer.count = [c * distributed.world_size() for c in scorer.count]
         entropies = scorer.entropies()
     elif mode == "head":
-        entropies = [torch.tensor(r, dtype=torch.float64) for r in cfg.FINETUNE.HEAD_RANK]
-        if [len(e) for e in entropies] != [b.attn.heads for b in model.prunable_blocks]:
-            raise ConfigError(f"FINETUNE.HEAD_RANK needs one score per head of each prunable layer "
-                              f"{[b.attn.heads for b in model.prunable_blocks]}")
+        entropies = head_rank_scores(cfg, model)
     else:  # random: the same draw on every rank
         gen = torch.Generator().manual_seed(cfg.SOLVER.SEED + round_)
         entropies = [torch.rand(b.attn.heads, generator=gen, dtype=torch.float64) for b in model.prunable_blocks]
+    before = sum(b.attn.heads for b in model.prunable_blocks)
     amg.apply_head_masks(model, amg.select_heads(entropies, n))
+    removed = before - sum(b.attn.heads for b in model.prunable_blocks)
+    if removed < n:  # every layer keeps its last head (one-head layers keep theirs)
+        processor.log(folder, f"note: round {round_ + 1} asked to remove {n} heads but only {removed} could go (each "
+                            "layer keeps at least one head)")
+
+
+def head_rank_scores(cfg, model) -> list[torch.Tensor]:
+    """FINETUNE.HEAD_RANK as per-layer scores; checked against the start model's heads before any work."""
+    scores = [torch.tensor(r, dtype=torch.float64) for r in cfg.FINETUNE.HEAD_RANK]
+    heads = [b.attn.heads for b in model.prunable_blocks]
+    if [len(s) for s in scores] != heads:
+        raise ConfigError(f"FINETUNE.HEAD_RANK has {[len(s) for s in scores]} scores per layer; the start model's "
+                          f"prunable layers have {heads} heads (one score per head of each)")
+    return scores
+
+
+RESUME_KEYS = ("model", "optimizer", "next_step", "rng", "history", "best")
+KIND = "transreid.finetune"
 
 
 def main(args: argparse.Namespace) -> dict:
-    processor.check_run_flags(args.resume, args.overwrite)
+    check_run_flags(args.resume, args.overwrite)
     cfg = load_config(args.config_file, args.opts)
     f, s = cfg.FINETUNE, cfg.SOLVER
     if not f.PRETRAIN_PATH:
         raise ConfigError("FINETUNE.PRETRAIN_PATH is empty: name the trained TransReID checkpoint to prune")
+    folder = processor.run_folder(cfg, args.resume, args.overwrite, [f.PRETRAIN_PATH])
     start_ckpt = read_reid_checkpoint(f.PRETRAIN_PATH, "FINETUNE.PRETRAIN_PATH")
-    out = processor.prepare_run_folder(cfg, args.resume, args.overwrite)
-    resume = load_checkpoint(out / "resume.pth", "model", "a resume file of this package", "resume file") \
-        if args.resume else None
+    resume = load_resume(folder.resume_file, KIND, RESUME_KEYS) if args.resume else None
     device = processor.select_device(cfg)
     rank, world = distributed.rank(), distributed.world_size()
     utils.seed_everything(s.SEED + rank)
@@ -117,6 +138,8 @@ def main(args: argparse.Namespace) -> dict:
             target = teacher.classify(teacher.features(imgs, cams))
         return f.DISTILL_ALPHA * distillation_loss(logits, target, f.DISTILL_TYPE, f.DISTILL_TAU)
 
+    if f.PRUNE_MODE == "head" and resume is None:
+        head_rank_scores(cfg, model)
     steps = schedule(cfg)
     epochs = sum(1 for kind, _ in steps if kind == "tune")
     counts = amg.split_over_rounds(amg.prune_counts(model, "attn" if f.PRUNE_MODE == "attn" else "heads",
@@ -125,55 +148,73 @@ def main(args: argparse.Namespace) -> dict:
     start, history, best = 0, [], {"mAP": -1.0}
     if resume is not None:
         optimizer.load_state_dict(resume["optimizer"])
-        rng = resume["rng"]  # one state per rank of the interrupted run
-        utils.set_rng_state(rng[rank] if rank < len(rng) else rng[0])
+        restore_rng(resume["rng"])  # one state per rank of the interrupted run
         start, history, best = resume["next_step"], resume["history"], resume["best"]
-    processor.log(out, f"AMG {f.PRUNE_MODE} rate {f.PRUNE_RATE} from {f.PRETRAIN_PATH}: removing {counts} per round, "
-                       f"{epochs} fine-tuning epochs, distillation {f.DISTILL_TYPE}")
+    processor.log(folder, f"AMG {f.PRUNE_MODE} rate {f.PRUNE_RATE} from {f.PRETRAIN_PATH}: removing {counts} per "
+                          f"round, {epochs} fine-tuning epochs, distillation {f.DISTILL_TYPE}")
     if start == 0:
-        processor.log(out, "start: " + cost_line(model, cfg.INPUT.SIZE_TEST))
+        processor.log(folder, "start: " + cost_line(model, cfg.INPUT.SIZE_TEST))
     loss_fn = make_loss(cfg)
     net = processor.wrap(model, device)
-    for i in range(start, len(steps)):
-        kind, value = steps[i]
-        if kind == "prune":
-            prune(cfg, net, model, loss_fn, teacher_loss, loader, device, value, counts)
-            net = processor.wrap(model, device)  # DDP again: the parameters changed shape
-            optimizer = make_optimizer(cfg, model)  # a new optimiser for the pruned parameters
-            processor.log(out, f"round {value + 1}/{f.ITER_NUM}: " + cost_line(model, cfg.INPUT.SIZE_TEST))
-            record = {"step": i, "round": value + 1}
+    folder.start()
+    try:
+        for i in range(start, len(steps)):
+            net, optimizer = run_step(cfg, i, steps, epochs, (net, model, optimizer), loss_fn, teacher_loss,
+                                      (loader, test_loader, len(splits.query)), device, counts, folder, history, best)
+            if i == args.stop_after_step:
+                processor.log(folder, f"stopped after step {i} (--stop_after_step); continue with --resume")
+                break
         else:
-            lr = set_epoch_lr(optimizer, value, s.BASE_LR, epochs, s.WARMUP_EPOCHS)
-            stats = processor.train_one_epoch(net, loader, optimizer, loss_fn, device,
-                                              value, epochs, teacher_loss, desc="fine-tune")
-            processor.check_finite(model, f"fine-tuning epoch {value}")
-            record = {"step": i, "epoch": value, "lr": lr, **stats}
-            final = i >= len(steps) - f.FINAL_NUM
-            if final and (value % s.EVAL_PERIOD == 0 or i == len(steps) - 1):
-                record.update(processor.test_model(cfg, model, test_loader, len(splits.query), device)[0])
-            processor.log(out, f"epoch {value}/{epochs}  loss {stats['loss']:.4f}  acc {stats['acc']:.3f}  "
-                               f"lr {lr:.2e}" + (f"  {processor.format_metrics(record)}" if "mAP" in record else ""))
-        history.append(record)
-        rng = distributed.all_gather_object(utils.rng_state())
-        if distributed.is_main():
-            processor.save_config(cfg, out)
-            ckpt = checkpoint(model, step=i, prune_mode=f.PRUNE_MODE, prune_rate=f.PRUNE_RATE)
-            if record.get("mAP", -1.0) > best["mAP"]:
-                best = {"mAP": record["mAP"], "epoch": record["epoch"]}
-                utils.save_atomic({**ckpt, "chosen_on": "test set mAP", "metrics": record}, out / "best.pth")
-            if i == len(steps) - 1:
-                utils.save_atomic({**ckpt, "metrics": record}, out / "last.pth")
-            utils.save_atomic({"model": ckpt, "optimizer": optimizer.state_dict(), "next_step": i + 1,
-                               "rng": rng, "history": history, "best": best}, out / "resume.pth")
-        if i == args.stop_after_step:
-            processor.log(out, f"stopped after step {i} (--stop_after_step); continue with --resume")
-            break
-    else:
-        processor.log(out, "end: " + cost_line(model, cfg.INPUT.SIZE_TEST))
-        if best["mAP"] >= 0:
-            processor.log(out, f"best.pth: epoch {best['epoch']}, mAP {100 * best['mAP']:.1f} (chosen on the test set)")
+            processor.log(folder, "end: " + cost_line(model, cfg.INPUT.SIZE_TEST))
+            if best["mAP"] >= 0:
+                processor.log(folder, f"best.pth: epoch {best['epoch']}, mAP {100 * best['mAP']:.1f} (chosen on the "
+                                      "test set)")
+    except BaseException:
+        folder.discard()
+        raise
     distributed.cleanup()
     return {"history": history, "best": best}
+
+
+def run_step(cfg, i: int, steps: list[tuple[str, int]], epochs: int, models: tuple, loss_fn, teacher_loss,
+             data: tuple, device, counts: list[int], folder, history: list[dict], best: dict) -> tuple:
+    """Step i of the schedule (a pruning round or a fine-tuning epoch), then rank 0's files; returns the
+    (DDP-wrapped) net and the optimiser to go on with. `best` is updated in place."""
+    f, s = cfg.FINETUNE, cfg.SOLVER
+    (net, model, optimizer), (loader, test_loader, num_query) = models, data
+    kind, value = steps[i]
+    if kind == "prune":
+        prune(cfg, net, model, loss_fn, teacher_loss, loader, device, value, counts, folder)
+        net = processor.wrap(model, device)  # DDP again: the parameters changed shape
+        optimizer = make_optimizer(cfg, model)  # a new optimiser for the pruned parameters
+        processor.log(folder, f"round {value + 1}/{f.ITER_NUM}: " + cost_line(model, cfg.INPUT.SIZE_TEST))
+        record = {"step": i, "round": value + 1}
+    else:
+        lr = set_epoch_lr(optimizer, value, s.BASE_LR, epochs, s.WARMUP_EPOCHS)
+        stats = processor.train_one_epoch(net, loader, optimizer, loss_fn, device, value, epochs, teacher_loss,
+                                          desc="fine-tune")
+        check_finite_weights(model, f"fine-tuning epoch {value}")
+        record = {"step": i, "epoch": value, "lr": lr, **stats}
+        final = i >= len(steps) - f.FINAL_NUM
+        if final and (value % s.EVAL_PERIOD == 0 or i == len(steps) - 1):
+            record.update(processor.test_model(cfg, model, test_loader, num_query, device)[0])
+        processor.log(folder, f"epoch {value}/{epochs}  loss {stats['loss']:.4f}  acc {stats['acc']:.3f}  "
+                              f"lr {lr:.2e}" + (f"  {processor.format_metrics(record)}" if "mAP" in record else ""))
+    history.append(record)
+    rng = gather_rng()
+    if distributed.is_main():
+        out = folder.path
+        processor.save_config(cfg, out)
+        ckpt = checkpoint(model, step=i, prune_mode=f.PRUNE_MODE, prune_rate=f.PRUNE_RATE)
+        if record.get("mAP", -1.0) > best["mAP"]:
+            best.update(mAP=record["mAP"], epoch=record["epoch"])
+            save_checkpoint({**ckpt, "chosen_on": "test set mAP", "metrics": record}, out / "best.pth")
+        if i == len(steps) - 1:
+            save_checkpoint({**ckpt, "metrics": record}, out / "last.pth")
+        save_resume({"model": ckpt, "optimizer": optimizer.state_dict(), "next_step": i + 1, "rng": rng,
+                     "history": history, "best": best}, out / "resume.pth", KIND)
+        folder.commit()
+    return net, optimizer
 
 
 def get_parser() -> argparse.ArgumentParser:

@@ -7,7 +7,7 @@ from typing import Callable
 import torch
 import torch.nn.functional as F
 
-import distributed
+from toolkit import distributed
 
 
 def hard_triplet_loss(feats: torch.Tensor, labels: torch.Tensor, margin: float | None) -> torch.Tensor:

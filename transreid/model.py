@@ -21,6 +21,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from model import ModelError, load_checkpoint  # noqa: F401  (ModelError re-exported: one error class for both)
+from toolkit.run import state_dict_mismatch
 
 # name -> widths; the factories below only read these, nothing is mutated
 ARCH_WIDTHS = {
@@ -416,10 +417,10 @@ def load_reid_weights(model: TransReID, ckpt: dict, path: str | Path) -> None:
     """A read_reid_checkpoint dict into a model built for it; a mismatch is a one-line error."""
     try:
         model.load_state_dict(ckpt["state_dict"])
-    except RuntimeError as e:
-        lines = [line.strip() for line in str(e).splitlines() if line.strip()]
+    except RuntimeError:
         raise ModelError(f"{path} does not fit the configured model ({model.arch}, JPM {model.jpm}, SIE "
-                         f"{model.base.sie_embed is not None}): {' '.join(lines[1:3])[:300]}") from None
+                         f"{model.base.sie_embed is not None}): {state_dict_mismatch(model, ckpt['state_dict'])}") \
+            from None
     model.set_token_keep(ckpt.get("tokens"))
 
 

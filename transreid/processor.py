@@ -14,19 +14,14 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm import tqdm
 
-import distributed
-import utils
-from toolkit.errors import UserError
+from toolkit import distributed, utils
 from toolkit.ranking import EvaluationError, evaluate
+from toolkit.run import RunError, RunFolder, check_same_run  # noqa: F401  (RunError: the scripts' name)
 from transreid.config import ConfigError
 
-# keys that may differ between a run and its --resume (where it runs, not what it computes)
-RESUME_FREE = ("MODEL.DEVICE", "MODEL.DEVICE_ID", "DATALOADER.NUM_WORKERS", "TEST.", "SOLVER.LOG_PERIOD")
-
-
-class RunError(UserError):
-    """A run that cannot go on (diverged loss, existing run folder, unusable resume file); one line."""
-
+# keys that may differ between a run and its --resume (where it runs and what it reports, not what it computes)
+RESUME_FREE = ("OUTPUT_DIR", "MODEL.DEVICE", "MODEL.DEVICE_ID", "DATALOADER.NUM_WORKERS", "TEST.", "SOLVER.LOG_PERIOD")
+PATH_KEYS = ("DATASETS.ROOT_DIR", "MODEL.PRETRAIN_PATH", "FINETUNE.PRETRAIN_PATH")
 
 def select_device(cfg) -> torch.device:
     """This process's device; under torchrun (MODEL.DIST_TRAIN True) also the process group."""
@@ -46,36 +41,22 @@ def flat_config(cfg, prefix: str = "") -> dict:
     return out
 
 
-def check_run_flags(resume: bool, overwrite: bool) -> None:
-    """Called first: a contradiction in the flags is reported before any file is read."""
-    if resume and overwrite:
-        raise RunError("--resume continues the run in OUTPUT_DIR, --overwrite replaces it: give one")
-
-
-def prepare_run_folder(cfg, resume: bool, overwrite: bool) -> Path:
-    """OUTPUT_DIR, refusing to write over another run unless --overwrite, and checking that --resume
-    continues the same configuration. A new run starts a fresh log.txt; its config.yaml is written with its
-    first checkpoint (`save_config`), so a run that fails before that leaves the folder free for a rerun."""
-    check_run_flags(resume, overwrite)
+def run_folder(cfg, resume: bool, overwrite: bool, inputs: list[str]) -> RunFolder:
+    """OUTPUT_DIR, checked (nothing is created yet): another run there needs --overwrite, and --resume must
+    continue the same configuration (every key but RESUME_FREE, paths resolved)."""
     out = Path(cfg.OUTPUT_DIR)
-    if not distributed.is_main_process():  # under torchrun rank 0 checks and writes
-        return out
-    saved_file = out / "config.yaml"
+    folder = RunFolder(out, resume=resume, overwrite=overwrite, markers=("config.yaml", "resume.pth"),
+                       elsewhere="set another OUTPUT_DIR", inputs=[cfg.DATASETS.ROOT_DIR, *inputs])
     if resume:
-        if not (out / "resume.pth").is_file():
-            raise RunError(f"--resume: {out} holds no resume.pth to continue from")
-        if saved_file.is_file():
+        saved_file = out / "config.yaml"
+        if not saved_file.is_file():
+            raise RunError(f"--resume: {saved_file} does not exist (the run's configuration)")
+        try:
             saved = flat_config(utils.load_options(saved_file))
-            for key, value in flat_config(cfg).items():
-                if not key.startswith(RESUME_FREE) and key in saved and saved[key] != value:
-                    raise RunError(f"--resume: {key} is {value!r} but the run in {out} used {saved[key]!r}")
-    elif saved_file.is_file() and not overwrite:
-        raise RunError(f"{out} already holds a run: pass --resume to continue it, --overwrite to replace it, "
-                       "or set another OUTPUT_DIR")
-    out.mkdir(parents=True, exist_ok=True)
-    if not resume:
-        (out / "log.txt").write_text("")
-    return out
+        except Exception as e:  # an unreadable or hand-edited file
+            raise RunError(f"--resume: cannot read {saved_file} ({type(e).__name__})") from None
+        check_same_run(saved, flat_config(cfg), out, free=RESUME_FREE, path_keys=PATH_KEYS)
+    return folder
 
 
 def save_config(cfg, out: Path) -> None:
@@ -93,14 +74,13 @@ def check_checkpoint_fits(ckpt: dict, splits, path, what: str, classes: bool) ->
                        f"{splits.num_classes} training ids")
 
 
-def log(out: Path | None, line: str) -> None:
-    """Print and append to OUTPUT_DIR/log.txt (rank 0 only)."""
+def log(folder: RunFolder | None, line: str) -> None:
+    """Print and append to the run's log.txt (rank 0 only)."""
     if not distributed.is_main():
         return
     print(line, flush=True)
-    if out is not None:
-        with open(out / "log.txt", "a") as f:
-            f.write(line + "\n")
+    if folder is not None:
+        folder.append("log.txt", line)
 
 
 def wrap(model: nn.Module, device: torch.device) -> nn.Module:
@@ -217,9 +197,3 @@ def test_model(cfg, model: nn.Module, loader, num_query: int, device: torch.devi
 def format_metrics(m: dict) -> str:
     return (f"mAP {100 * m['mAP']:.1f}  R1 {100 * m['rank1']:.1f}  R5 {100 * m['rank5']:.1f}  "
             f"R10 {100 * m['rank10']:.1f}  mINP {100 * m['mINP']:.1f}")
-
-
-def check_finite(model: nn.Module, where: str) -> None:
-    for name, p in model.named_parameters():
-        if not torch.isfinite(p).all():
-            raise RunError(f"{name} holds NaN or infinite values after {where}; nothing was saved")

@@ -26,14 +26,12 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader
 
-import cli
 import model as model_lib
-import utils
-from dataset_layout import DatasetError
-from onnx_export import export_onnx, onnx_feeds, onnx_max_difference, onnx_session
-from toolkit import int8
+from toolkit import cli, int8, utils
 from toolkit.int8 import QuantizationError
 from toolkit.latency import add_ratios, format_table, median_latencies, write_outputs
+from toolkit.layouts import DatasetError
+from toolkit.onnx_export import export_onnx, onnx_feeds, onnx_max_difference, onnx_session
 from transreid import processor
 from transreid.config import ConfigError, get_args_parser, load_config
 from transreid.datasets import ImageList, read_dataset, test_transform

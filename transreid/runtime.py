@@ -16,11 +16,10 @@ from pathlib import Path
 
 import torch
 
-import cli
-from onnx_export import export_onnx
-from runtime_comparison import compare, format_table, write_outputs
-from toolkit import int8
+from toolkit import cli, int8
 from toolkit.int8 import QuantizationError
+from toolkit.latency import compare, format_table, write_outputs
+from toolkit.onnx_export import export_onnx
 from transreid import amg
 from transreid.config import ConfigError, get_args_parser, load_config
 from transreid.model import ModelError, TransReID, make_model, model_from_checkpoint, read_reid_checkpoint

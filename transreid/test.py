@@ -12,11 +12,9 @@ import argparse
 import json
 from pathlib import Path
 
-import cli
-import distributed
-import utils
-from dataset_layout import DatasetError
-from onnx_export import export_onnx, onnx_max_difference
+from toolkit import cli, distributed, utils
+from toolkit.layouts import DatasetError
+from toolkit.onnx_export import export_onnx, onnx_max_difference
 from toolkit.ranking import image_paths
 from transreid import processor
 from transreid.config import ConfigError, get_args_parser, load_config
@@ -69,15 +67,8 @@ def reranked_note() -> str:
 
 def check_outputs(args: argparse.Namespace, weight: str) -> None:
     """No output file may name the checkpoint, and an existing one is replaced only with --overwrite."""
-    for flag, out in (("--mat", args.mat), ("--json", args.json), ("--export_onnx", args.export_onnx)):
-        if out is None:
-            continue
-        if Path(out).resolve() == Path(weight).resolve():
-            raise ConfigError(f"{flag} {out} is TEST.WEIGHT, the checkpoint being tested")
-        if Path(out).is_dir():
-            raise ConfigError(f"{flag} {out} is a folder")
-        if Path(out).exists() and not args.overwrite:
-            raise ConfigError(f"{flag} {out} already exists: pass --overwrite to replace it")
+    cli.check_outputs({"--mat": args.mat, "--json": args.json, "--export_onnx": args.export_onnx},
+                      {"TEST.WEIGHT": weight}, args.overwrite)
 
 
 def get_parser() -> argparse.ArgumentParser:

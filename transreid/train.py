@@ -10,17 +10,31 @@ import argparse
 
 import torch
 
-import cli
-import distributed
-import utils
-from dataset_layout import DatasetError
-from model import load_checkpoint
+from toolkit import cli, distributed, utils
+from toolkit.layouts import DatasetError
+from toolkit.run import (
+    check_finite_weights,
+    check_run_flags,
+    gather_rng,
+    load_resume,
+    restore_rng,
+    save_checkpoint,
+    save_resume,
+    state_dict_mismatch,
+)
 from transreid import processor
 from transreid.config import ConfigError, get_args_parser, load_config
 from transreid.datasets import make_test_loader, make_train_loader, read_dataset
 from transreid.loss import make_loss
-from transreid.model import (ModelError, checkpoint, load_imagenet_vit, load_reid_weights, make_model,
-                             read_imagenet_vit, read_reid_checkpoint)
+from transreid.model import (
+    ModelError,
+    checkpoint,
+    load_imagenet_vit,
+    load_reid_weights,
+    make_model,
+    read_imagenet_vit,
+    read_reid_checkpoint,
+)
 from transreid.solver import make_optimizer, set_epoch_lr
 
 
@@ -36,10 +50,13 @@ def read_start_weights(cfg) -> dict | None:
     return read_reid_checkpoint(path, "MODEL.PRETRAIN_PATH") if choice == "self" else None
 
 
-def build_model(cfg, num_classes: int, camera_num: int, start: dict | None, log_to) -> torch.nn.Module:
+def build_model(cfg, num_classes: int, camera_num: int, start: dict | None, log_to,
+                resuming: bool = False) -> torch.nn.Module:
     """The configured model with read_start_weights' weights (None on --resume, which loads its own)."""
     model = make_model(cfg, num_classes, camera_num)
     choice, path = cfg.MODEL.PRETRAIN_CHOICE, cfg.MODEL.PRETRAIN_PATH
+    if resuming:
+        return model
     if choice == "none":
         processor.log(log_to, "note: MODEL.PRETRAIN_CHOICE 'none': training from random weights")
     elif start is not None and choice == "imagenet":
@@ -49,12 +66,15 @@ def build_model(cfg, num_classes: int, camera_num: int, start: dict | None, log_
     return model
 
 
+RESUME_KEYS = ("model", "optimizer", "epoch", "rng", "history")
+KIND = "transreid.train"
+
+
 def main(args: argparse.Namespace) -> dict:
-    processor.check_run_flags(args.resume, args.overwrite)
+    check_run_flags(args.resume, args.overwrite)
     cfg = load_config(args.config_file, args.opts)
-    out = processor.prepare_run_folder(cfg, args.resume, args.overwrite)
-    resume = load_checkpoint(out / "resume.pth", "model", "a resume file of this package", "resume file") \
-        if args.resume else None
+    folder = processor.run_folder(cfg, args.resume, args.overwrite, [cfg.MODEL.PRETRAIN_PATH])
+    resume = load_resume(folder.resume_file, KIND, RESUME_KEYS) if args.resume else None
     start_weights = None if resume else read_start_weights(cfg)
     device = processor.select_device(cfg)
     rank, world = distributed.rank(), distributed.world_size()
@@ -63,45 +83,70 @@ def main(args: argparse.Namespace) -> dict:
     train_loader = make_train_loader(cfg, splits, rank, world)
     test_loader = make_test_loader(cfg, splits, rank, world)
     torch.manual_seed(cfg.SOLVER.SEED)  # the same initial model on every rank
-    model = build_model(cfg, splits.num_classes, splits.camera_num, start_weights, out).to(device)
+    model = build_model(cfg, splits.num_classes, splits.camera_num, start_weights, folder, resume is not None)
+    model = model.to(device)
     optimizer = make_optimizer(cfg, model)
     start, history = 1, []
     if resume is not None:
-        model.load_state_dict(resume["model"]["state_dict"])
+        load_resume_model(model, resume, folder.resume_file)
         optimizer.load_state_dict(resume["optimizer"])
-        rng = resume["rng"]  # one state per rank of the interrupted run
-        utils.set_rng_state(rng[rank] if rank < len(rng) else rng[0])
+        restore_rng(resume["rng"])  # one state per rank of the interrupted run
         start, history = resume["epoch"] + 1, resume["history"]
     distributed.broadcast_module(model)
     net = processor.wrap(model, device)
     loss_fn = make_loss(cfg)
     s = cfg.SOLVER
-    processor.log(out, f"{splits.num_classes} training ids, {len(splits.train)} images, {splits.camera_num} cameras; "
-                       f"{world} process(es) x {s.IMS_PER_BATCH // world} images per step on {device}")
-    for epoch in range(start, s.MAX_EPOCHS + 1):
-        lr = set_epoch_lr(optimizer, epoch, s.BASE_LR, s.MAX_EPOCHS, s.WARMUP_EPOCHS)
-        stats = processor.train_one_epoch(net, train_loader, optimizer, loss_fn, device, epoch, s.MAX_EPOCHS)
-        processor.check_finite(model, f"epoch {epoch}")
-        record = {"epoch": epoch, "lr": lr, **stats}
-        if epoch % s.EVAL_PERIOD == 0 or epoch == s.MAX_EPOCHS:
-            record.update(processor.test_model(cfg, model, test_loader, len(splits.query), device)[0])
-        history.append(record)
-        line = f"epoch {epoch}/{s.MAX_EPOCHS}  loss {stats['loss']:.4f}  acc {stats['acc']:.3f}  lr {lr:.2e}  " \
-               f"{stats['seconds']:.1f}s"
-        processor.log(out, line + (f"  {processor.format_metrics(record)}" if "mAP" in record else ""))
-        rng = distributed.all_gather_object(utils.rng_state())
-        if distributed.is_main():
-            processor.save_config(cfg, out)
-            ckpt = checkpoint(model, epoch=epoch)
-            if epoch % s.CHECKPOINT_PERIOD == 0 or epoch == s.MAX_EPOCHS:
-                utils.save_atomic(ckpt, out / f"transformer_{epoch}.pth")
-            utils.save_atomic({"model": ckpt, "optimizer": optimizer.state_dict(), "epoch": epoch,
-                               "rng": rng, "history": history}, out / "resume.pth")
-        if epoch == args.stop_after_epoch:
-            processor.log(out, f"stopped after epoch {epoch} (--stop_after_epoch); continue with --resume")
-            break
+    processor.log(folder, f"{splits.num_classes} training ids, {len(splits.train)} images, {splits.camera_num} "
+                          f"cameras; {world} process(es) x {s.IMS_PER_BATCH // world} images per step on {device}")
+    folder.start()
+    try:
+        for epoch in range(start, s.MAX_EPOCHS + 1):
+            train_epoch(cfg, epoch, net, model, optimizer, loss_fn, train_loader, test_loader, len(splits.query),
+                        device, folder, history)
+            if epoch == args.stop_after_epoch:
+                processor.log(folder, f"stopped after epoch {epoch} (--stop_after_epoch); continue with --resume")
+                break
+    except BaseException:
+        folder.discard()
+        raise
     distributed.cleanup()
     return history[-1] if history else {}
+
+
+def load_resume_model(model: torch.nn.Module, resume: dict, path) -> None:
+    try:
+        model.load_state_dict(resume["model"]["state_dict"])
+    except (RuntimeError, KeyError, TypeError) as e:
+        detail = state_dict_mismatch(model, resume["model"]["state_dict"]) if isinstance(e, RuntimeError) else \
+            f"{type(e).__name__}: {e}"
+        raise processor.RunError(f"--resume: {path} does not fit the configured model: {detail}") from None
+
+
+def train_epoch(cfg, epoch: int, net, model, optimizer, loss_fn, train_loader, test_loader, num_query: int, device,
+                folder, history: list[dict]) -> None:
+    """One epoch, its evaluation when due, then rank 0's files (transformer_<epoch>.pth, resume.pth, config)."""
+    s = cfg.SOLVER
+    lr = set_epoch_lr(optimizer, epoch, s.BASE_LR, s.MAX_EPOCHS, s.WARMUP_EPOCHS)
+    stats = processor.train_one_epoch(net, train_loader, optimizer, loss_fn, device, epoch, s.MAX_EPOCHS)
+    check_finite_weights(model, f"epoch {epoch}")
+    record = {"epoch": epoch, "lr": lr, **stats}
+    if epoch % s.EVAL_PERIOD == 0 or epoch == s.MAX_EPOCHS:
+        record.update(processor.test_model(cfg, model, test_loader, num_query, device)[0])
+    history.append(record)
+    line = f"epoch {epoch}/{s.MAX_EPOCHS}  loss {stats['loss']:.4f}  acc {stats['acc']:.3f}  lr {lr:.2e}  " \
+           f"{stats['seconds']:.1f}s"
+    processor.log(folder, line + (f"  {processor.format_metrics(record)}" if "mAP" in record else ""))
+    rng = gather_rng()
+    if not distributed.is_main():
+        return
+    out = folder.path
+    processor.save_config(cfg, out)
+    ckpt = checkpoint(model, epoch=epoch)
+    if epoch % s.CHECKPOINT_PERIOD == 0 or epoch == s.MAX_EPOCHS:
+        save_checkpoint(ckpt, out / f"transformer_{epoch}.pth")
+    save_resume({"model": ckpt, "optimizer": optimizer.state_dict(), "epoch": epoch, "rng": rng,
+                 "history": history}, out / "resume.pth", KIND)
+    folder.commit()
 
 
 def get_parser() -> argparse.ArgumentParser:

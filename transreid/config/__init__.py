@@ -8,7 +8,7 @@ from pathlib import Path
 import yaml
 from yacs.config import CfgNode
 
-import cli
+from toolkit import cli
 from toolkit.errors import UserError
 from transreid.config.defaults import _C
 
@@ -135,10 +135,16 @@ def check_config(cfg: CfgNode) -> None:
     _require(0.0 <= f.PRUNE_RATE < 1.0, f"FINETUNE.PRUNE_RATE must be in [0, 1), got {f.PRUNE_RATE}")
     _require(f.DISTILL_TYPE in ("soft", "hard", "none"), "FINETUNE.DISTILL_TYPE must be 'soft', 'hard' or 'none'")
     _require(math.isfinite(f.DISTILL_TAU) and f.DISTILL_TAU > 0, "FINETUNE.DISTILL_TAU must be positive")
+    _require(all(isinstance(r, (list, tuple)) and r and all(isinstance(x, (int, float)) and not isinstance(x, bool)
+                                                            and math.isfinite(x) for x in r) for r in f.HEAD_RANK),
+             "FINETUNE.HEAD_RANK must be a list of lists of numbers, one list of per-head scores per prunable layer, "
+             "e.g. [[0.1, 0.5, ...], ...]")
     _require(f.PRUNE_MODE != "head" or (len(f.HEAD_RANK) > 0 and f.ITER_NUM == 1),
              "FINETUNE.PRUNE_MODE 'head' needs FINETUNE.HEAD_RANK (one score per head of each prunable layer) and "
              "FINETUNE.ITER_NUM 1 (the ranks name the heads of the starting model)")
     _require(cfg.OUTPUT_DIR != "", "OUTPUT_DIR must name a folder")
+    _require(all(v <= 16 for v in m.STRIDE_SIZE),
+             f"MODEL.STRIDE_SIZE {list(m.STRIDE_SIZE)} must not exceed the 16-pixel patch (gaps would skip pixels)")
     train_grid, test_grid = patch_grid(i.SIZE_TRAIN, m.STRIDE_SIZE), patch_grid(i.SIZE_TEST, m.STRIDE_SIZE)
     _require(train_grid == test_grid,
              f"INPUT.SIZE_TEST {list(i.SIZE_TEST)} gives a {test_grid[0]}x{test_grid[1]} patch grid, but the position "
@@ -149,8 +155,6 @@ def check_config(cfg: CfgNode) -> None:
                            ("MODEL.DEVIDE_LENGTH", m.DEVIDE_LENGTH)):
             _require(value < patches, f"{key} {value} must be smaller than the {patches} patch tokens "
                                       f"(INPUT.SIZE_TRAIN {list(i.SIZE_TRAIN)} at stride {list(m.STRIDE_SIZE)})")
-    _require(all(v <= 16 for v in m.STRIDE_SIZE),
-             f"MODEL.STRIDE_SIZE {list(m.STRIDE_SIZE)} must not exceed the 16-pixel patch (gaps would skip pixels)")
     _require(isinstance(s.SEED, int) and 0 <= s.SEED < 2 ** 32, f"SOLVER.SEED must be an integer in [0, 2^32), "
                                                                   f"got {s.SEED}")
     _require(isinstance(i.PADDING, int) and 0 <= i.PADDING < min(i.SIZE_TRAIN),

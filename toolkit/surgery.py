@@ -17,6 +17,7 @@ from torch import nn
 
 import model as model_lib
 import pruner
+from toolkit.run import state_dict_mismatch
 
 
 class PrunedBlock(nn.Module):
@@ -134,7 +135,7 @@ def load_small_model(path) -> nn.Module:
     """A small model from any checkpoint kind: a small one as saved, a zeroed or full ft_net without its
     all-zero filters. One-line ModelError for a missing or corrupt file."""
     state = model_lib.load_checkpoint(path)
-    net = model_lib.model_from_state_dict(state)
+    net = model_from_state_dict(state)
     return net if is_small_state(state) else make_small_model(net)
 
 
@@ -149,8 +150,9 @@ def small_model_from_state_dict(state: dict) -> nn.Module:
     small = make_small_model(full, kept)
     try:
         small.load_state_dict(state)
-    except RuntimeError as e:
-        raise model_lib.ModelError(f"small-model checkpoint does not fit {arch}: {str(e).splitlines()[0]}") from None
+    except RuntimeError:
+        raise model_lib.ModelError(f"small-model checkpoint does not fit {arch}: {state_dict_mismatch(small, state)}") \
+            from None
     return small
 
 
@@ -274,7 +276,7 @@ def small_from_checkpoint(state: dict, nonl1: bool, prune_rate: float | None = N
     """
     model_lib.check_expected_arch(arch, state, "the checkpoint")
     found = model_lib.infer_arch(state)
-    net = model_lib.model_from_state_dict(state)
+    net = model_from_state_dict(state)
     if is_small_state(state):
         return net, net
     if nonl1:
@@ -299,3 +301,16 @@ def max_feature_difference(a: nn.Module, b: nn.Module, input_size: tuple[int, in
     x = torch.randn(batch, 3, *input_size, generator=gen).to(device)
     with torch.no_grad():
         return float((a.extract(x) - b.extract(x)).abs().max())
+
+
+def model_from_state_dict(state: dict) -> nn.Module:
+    """An ft_net (arch and class count read from the weights) with `state` loaded; a small model's
+    state (see make_small_model) gives the small model."""
+    if is_small_state(state):
+        return small_model_from_state_dict(state)
+    net = model_lib.ft_net(model_lib.num_classes(state), model_lib.infer_arch(state))
+    try:
+        net.load_state_dict(state)
+    except RuntimeError:
+        raise model_lib.ModelError(f"checkpoint does not fit {net.arch}: {state_dict_mismatch(net, state)}") from None
+    return net

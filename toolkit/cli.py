@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import argparse
 import math
+import os
+import sys
 from pathlib import Path
 from typing import Any, Callable
 
@@ -18,7 +20,14 @@ class UsageError(UserError):
 
 
 class ArgumentParser(argparse.ArgumentParser):
-    """argparse with a one-line error (exit 2) instead of the usage block."""
+    """argparse with a one-line error (exit 2) instead of the usage block; a module run with `python -m`
+    shows that command in its usage, not the file name."""
+
+    def __init__(self, *args: Any, **kwargs: Any):
+        spec = getattr(sys.modules.get("__main__"), "__spec__", None)
+        if "prog" not in kwargs and spec is not None and "." in (spec.name or ""):
+            kwargs["prog"] = f"python -m {spec.name}"
+        super().__init__(*args, **kwargs)
 
     def error(self, message: str) -> None:  # type: ignore[override]
         fail(f"{message} (see {self.prog} --help)")
@@ -48,6 +57,7 @@ positive_float = _number(float, 0, None, low_open=True, what="a number > 0")
 nonnegative_float = _number(float, 0, None, what="a number >= 0")
 probability = _number(float, 0, 1, what="a number in [0, 1]")
 prune_fraction = _number(float, 0, 1, high_open=True, what="a fraction in [0, 1)")
+keep_fraction = _number(float, 0, 1, low_open=True, what="a fraction in (0, 1]")
 
 
 def positive_int_list(text: str) -> list[int]:
@@ -66,6 +76,23 @@ def refuse_existing_output(out: Path, overwrite: bool, resume: bool, resume_mean
     if out.is_dir() and any(out.iterdir()) and not (overwrite or resume):
         raise UsageError(f"{out} already holds results: pass --overwrite to replace them, --resume to "
                          f"{resume_means}, or choose another --out")
+
+
+def check_outputs(outputs: dict[str, str | os.PathLike | None], inputs: dict[str, str | os.PathLike | None],
+                  overwrite: bool) -> None:
+    """Output files ({flag: path}, None for one not asked for): none may name one of the command's inputs
+    ({flag: path}) or a folder, and an existing one is replaced only with --overwrite. Checked before anything
+    is computed."""
+    sources = {os.path.realpath(path): flag for flag, path in inputs.items() if path}
+    for flag, out in outputs.items():
+        if out is None:
+            continue
+        if os.path.realpath(out) in sources:
+            raise UsageError(f"{flag} {out} is {sources[os.path.realpath(out)]}, an input of this command")
+        if Path(out).is_dir():
+            raise UsageError(f"{flag} {out} is a folder")
+        if Path(out).exists() and not overwrite:
+            raise UsageError(f"{flag} {out} already exists: pass --overwrite to replace it")
 
 
 def fail(message: str, code: int = 2) -> None:

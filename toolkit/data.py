@@ -9,7 +9,7 @@ from PIL import Image
 from torch.utils.data import DataLoader, Dataset, Sampler
 from torchvision import transforms
 
-from dataset_layout import DatasetError, is_image, parse_name
+from toolkit.layouts import DatasetError, is_image, parse_name
 
 IMAGENET_MEAN, IMAGENET_STD = [0.485, 0.456, 0.406], [0.229, 0.224, 0.225]
 NUM_POSITIVES = 4

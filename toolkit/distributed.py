@@ -29,7 +29,7 @@ def is_main_process() -> bool:
 def setup(gpu_ids: str) -> torch.device:
     """The device of this process; under torchrun also the process group (one GPU per process: the
     LOCAL_RANK-th of --gpu_ids, or of all GPUs)."""
-    import utils
+    from toolkit import utils
     if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
         return utils.select_device(gpu_ids)
     local = int(os.environ.get("LOCAL_RANK", "0"))

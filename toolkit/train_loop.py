@@ -9,24 +9,32 @@ from __future__ import annotations
 import argparse
 import csv
 import io
-import math
 import time
 from pathlib import Path
 from typing import Callable
 
 import torch
-from torch import nn
 import yaml
+from torch import nn
 from tqdm import tqdm
 
-import cli
-import data
-import distributed
-import losses as losses_lib
 import model as model_lib
-import utils
-from dataset_layout import DatasetError
-from toolkit.errors import UserError
+from toolkit import cli, data, distributed, utils
+from toolkit import losses as losses_lib
+from toolkit.layouts import DatasetError
+from toolkit.run import (
+    RunError,
+    RunFolder,
+    check_finite_loss,
+    check_finite_weights,
+    check_same_run,
+    gather_rng,
+    load_resume,
+    restore_rng,
+    save_checkpoint,
+    save_resume,
+    state_dict_mismatch,
+)
 
 
 class EpochEndHook:
@@ -118,9 +126,7 @@ PIPELINE_UNUSED_FLAGS = {"--name": "not used (outputs go to --out)", "--results_
                          "--pretrained": "not used (--checkpoint gives the weights)", "--no_pretrained": "not used"}
 
 
-class TrainingError(UserError):
-    """Training cannot go on (a non-finite loss, a run folder that would be overwritten, a resume that
-    does not fit the command line); printed as one line."""
+TrainingError = RunError  # the name the train scripts and pipeline scripts know
 
 
 USER_ERRORS = (DatasetError, model_lib.ModelError, losses_lib.LossError, TrainingError)
@@ -143,30 +149,21 @@ def check_training_args(args: argparse.Namespace) -> None:
                              "allocation can reach the overall rate")
 
 
-def check_run_folder(out: Path, args: argparse.Namespace, method: str) -> dict:
-    """Refuse to train over an existing run unless --resume (then it must be the same run) or --overwrite.
-    Returns the saved options of the run to resume ({} otherwise)."""
-    if args.resume:
-        if not (out / "resume.pth").is_file():
-            raise TrainingError(f"--resume: {out / 'resume.pth'} does not exist")
-        opts_file = out / "opts.yaml"
-        try:
-            saved = utils.load_options(opts_file)
-        except (OSError, ValueError, yaml.YAMLError) as e:
-            raise TrainingError(f"--resume: cannot read {opts_file} ({type(e).__name__})") from None
-        asked = {**vars(args), "method": method}
-        for key in RESUME_MUST_MATCH:
-            if key in asked and key in saved and saved[key] != asked[key]:
-                raise TrainingError(f"--resume: {out} is a run with {key} = {saved[key]!r}, the command line asks "
-                                    f"for {asked[key]!r}; resume it with its own settings or start a new --name")
-        return saved
-    existing = [f for pattern in RUN_FILES for f in out.glob(pattern)] if out.is_dir() else []
-    if existing and not getattr(args, "overwrite", False):
-        raise TrainingError(f"{out} already holds a run ({existing[0].name}): pass --resume to continue it, "
-                            "--overwrite to replace it, or choose another --name")
-    for f in existing:
-        f.unlink()
-    return {}
+def check_run_folder(out: Path, args: argparse.Namespace, method: str) -> tuple[RunFolder, dict]:
+    """The run folder (an existing run needs --resume, then the same run, or --overwrite) and the saved
+    options of the run to resume ({} otherwise)."""
+    folder = RunFolder(out, resume=args.resume, overwrite=getattr(args, "overwrite", False), markers=RUN_FILES,
+                       elsewhere="choose another --name", inputs=[getattr(args, "pretrained", None),
+                                                                  *str(args.data_dir).split(",")])
+    if not args.resume:
+        return folder, {}
+    opts_file = out / "opts.yaml"
+    try:
+        saved = utils.load_options(opts_file)
+    except (OSError, ValueError, yaml.YAMLError) as e:
+        raise TrainingError(f"--resume: cannot read {opts_file} ({type(e).__name__})") from None
+    check_same_run(saved, {**vars(args), "method": method}, out, RESUME_MUST_MATCH)
+    return folder, saved
 
 
 def check_resume_classes(out: Path, saved: int | None, num_classes: int, data_dir: str) -> None:
@@ -175,25 +172,7 @@ def check_resume_classes(out: Path, saved: int | None, num_classes: int, data_di
                             "another dataset (or split) than the run's")
 
 
-def load_resume_state(resume_file: Path) -> dict:
-    """resume.pth, read on the CPU before any work (load_state_dict moves each tensor where it belongs)."""
-    try:
-        state = torch.load(resume_file, map_location="cpu", weights_only=True)
-    except Exception as e:  # truncated zip, a pickle that is not weights-only, ...
-        raise TrainingError(f"--resume: {resume_file} is corrupt or not a weights-only checkpoint "
-                            f"({type(e).__name__}); pass --overwrite to start the run again") from None
-    missing = [k for k in ("model", "optimizer", "scheduler", "hook", "rng", "mining_rng", "epoch", "history")
-               if not isinstance(state, dict) or k not in state]
-    if missing:
-        raise TrainingError(f"--resume: {resume_file} is not a resume checkpoint of this tool (no {missing[0]!r})")
-    return state
-
-
-def check_finite_weights(net: nn.Module, epoch: int) -> None:
-    bad = [name for name, p in net.named_parameters() if not torch.isfinite(p).all()]
-    if bad:
-        raise TrainingError(f"the weights became NaN or infinite in epoch {epoch} ({bad[0]}); training diverged "
-                            "(try a lower --lr); nothing of this epoch was saved")
+RESUME_KEYS = ("model", "optimizer", "scheduler", "hook", "rng", "mining_rng", "epoch", "history")
 
 
 def run_dir(args: argparse.Namespace) -> Path:
@@ -309,11 +288,7 @@ def train_one_epoch(pair, loader, optimizer, scaler, device, args, epoch: int, g
         optimizer.zero_grad(set_to_none=True)
         loss, stats = loss_and_backward(pair, imgs, labels, positives, args, generator, scaler)
         loss_value = loss.item()
-        if not math.isfinite(loss_value):
-            in_epoch = step - (epoch - 1) * len(loader) + 1
-            raise TrainingError(f"the loss is {loss_value} at epoch {epoch}, step {in_epoch}/{len(loader)}: training "
-                                "diverged (try a lower --lr); the last good checkpoint is that of the previous "
-                                "epoch, and this epoch was not saved")
+        check_finite_loss(loss_value, f"epoch {epoch}, step {step - (epoch - 1) * len(loader) + 1}/{len(loader)}")
         if scaler is not None:
             scaler.step(optimizer)
             scaler.update()
@@ -381,9 +356,8 @@ def train(args: argparse.Namespace, make_hook: Callable[[nn.Module, argparse.Nam
     losses_lib.parse_losses(args.loss)
     check_training_args(args)
     out = run_dir(args)
-    resume_file = out / "resume.pth"
-    saved = check_run_folder(out, args, method) if distributed.is_main_process() else {}
-    resume_state = load_resume_state(resume_file) if args.resume else None
+    folder, saved = check_run_folder(out, args, method)
+    resume_state = load_resume(folder.resume_file, "the re-ID train scripts", RESUME_KEYS) if args.resume else None
     device = distributed.setup(args.gpu_ids)
     rank, world, main = distributed.rank(), distributed.world_size(), distributed.is_main()
     utils.seed_everything(args.seed + rank)  # augmentation differs per rank; the model init is broadcast
@@ -405,27 +379,23 @@ def train(args: argparse.Namespace, make_hook: Callable[[nn.Module, argparse.Nam
     scaler = torch.amp.GradScaler("cuda") if args.amp and device.type == "cuda" else None
     mining = torch.Generator().manual_seed(args.seed)  # the same pool draws on every rank
     start, history = 1, []
-    if args.resume:
+    if resume_state is not None:
         state = resume_state
         try:
             net.load_state_dict(state["model"])
-        except RuntimeError as e:
-            raise TrainingError(f"--resume: {resume_file} does not fit {args.network_arch}: "
-                                f"{str(e).splitlines()[0]}") from None
+        except RuntimeError:
+            raise TrainingError(f"--resume: {folder.resume_file} does not fit {args.network_arch}: "
+                                f"{state_dict_mismatch(net, state['model'])}") from None
         optimizer.load_state_dict(state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
         hook.load_state_dict(state["hook"])
         if scaler is not None and "scaler" in state:
             scaler.load_state_dict(state["scaler"])
-        rng = state["rng"]
-        utils.set_rng_state(rng[rank] if rank < len(rng) else rng[0])
+        restore_rng(state["rng"])
         mining.set_state(state["mining_rng"])
         start, history = state["epoch"] + 1, state["history"]
         if main:
             print(f"resuming {out} after epoch {state['epoch']}")
-    elif main:
-        out.mkdir(parents=True, exist_ok=True)
-    # opts.yaml is written with the first checkpoint: a run that fails in its first epoch leaves no files
     options = {**vars(args), "nclasses": num_classes, "arch": args.network_arch, "method": method,
                "world_size": world}
     if main:
@@ -435,37 +405,50 @@ def train(args: argparse.Namespace, make_hook: Callable[[nn.Module, argparse.Nam
             print(f"  merged: {data.describe_sources(loader.dataset.sources)}")
         print(f"{args.network_arch}: {num_classes} classes, {len(loader.dataset)} images, device {device}"
               f"{f' x {world} processes' if world > 1 else ''}, outputs in {out}")
-
-    for epoch in range(start, args.Epochs + 1):
-        last = epoch == args.Epochs
-        stats = train_one_epoch(pair, loader, optimizer, scaler, device, args, epoch, mining)
-        lr = optimizer.param_groups[1]["lr"]
-        scheduler.step()
-        check_finite_weights(net, epoch)
-        note = hook.on_epoch_end(net, epoch, last) if main else ""
-        distributed.broadcast_module(net)  # rank 0's pruned weights everywhere
-        hook.load_state_dict(distributed.broadcast_object(hook.state_dict()))
-        rng = distributed.all_gather_object(utils.rng_state())
-        if not main:
-            continue
-        history.append({"epoch": epoch, **stats, "lr": lr, "note": note})
-        id_acc = f"id_acc {stats['id_accuracy']:.3f} " if "id_accuracy" in stats else ""
-        print(f"epoch {epoch}/{args.Epochs} loss {stats['loss']:.4f} acc {stats['accuracy']:.3f} {id_acc}"
-              f"margin {stats['mean_margin']:.3f} lr {lr:.2e} {stats['seconds']:.1f}s {note}".rstrip(), flush=True)
-        if epoch == start:
-            utils.save_options(options, out / "opts.yaml")
-        if epoch >= args.save_epoch or last:
-            weights = hook.weights_to_save(net, epoch, last)
-            if epoch >= args.save_epoch:
-                utils.save_atomic(weights, out / f"net_{epoch}.pth")
-            if last:
-                utils.save_atomic(weights, out / "net_last.pth")
-        resume = {"model": net.state_dict(), "optimizer": optimizer.state_dict(),
-                  "scheduler": scheduler.state_dict(), "hook": hook.state_dict(), "rng": rng,
-                  "mining_rng": mining.get_state(), "epoch": epoch, "history": history}
-        if scaler is not None:
-            resume["scaler"] = scaler.state_dict()
-        utils.save_atomic(resume, resume_file)
-        write_log(history, out / "log.csv")
+    folder.start()
+    try:
+        for epoch in range(start, args.Epochs + 1):
+            train_epoch(epoch, pair, net, hook, loader, optimizer, scheduler, scaler, device, args, mining, history,
+                        options, folder, start)
+    except BaseException:
+        folder.discard()
+        raise
     distributed.cleanup()
     return net
+
+
+def train_epoch(epoch: int, pair, net, hook, loader, optimizer, scheduler, scaler, device, args, mining,
+                history: list[dict], options: dict, folder: RunFolder, start: int) -> None:
+    """One epoch, the hook, and rank 0's files: the checkpoints, resume.pth, log.csv, opts.yaml."""
+    main, last = distributed.is_main(), epoch == args.Epochs
+    stats = train_one_epoch(pair, loader, optimizer, scaler, device, args, epoch, mining)
+    lr = optimizer.param_groups[1]["lr"]
+    scheduler.step()
+    check_finite_weights(net, f"epoch {epoch}")
+    note = hook.on_epoch_end(net, epoch, last) if main else ""
+    distributed.broadcast_module(net)  # rank 0's pruned weights everywhere
+    hook.load_state_dict(distributed.broadcast_object(hook.state_dict()))
+    rng = gather_rng()
+    if not main:
+        return
+    history.append({"epoch": epoch, **stats, "lr": lr, "note": note})
+    id_acc = f"id_acc {stats['id_accuracy']:.3f} " if "id_accuracy" in stats else ""
+    print(f"epoch {epoch}/{args.Epochs} loss {stats['loss']:.4f} acc {stats['accuracy']:.3f} {id_acc}"
+          f"margin {stats['mean_margin']:.3f} lr {lr:.2e} {stats['seconds']:.1f}s {note}".rstrip(), flush=True)
+    out = folder.path
+    if epoch == start:  # opts.yaml comes with the first checkpoint: it marks the folder as holding a run
+        utils.save_options(options, out / "opts.yaml")
+    if epoch >= args.save_epoch or last:
+        weights = hook.weights_to_save(net, epoch, last)
+        if epoch >= args.save_epoch:
+            save_checkpoint(weights, out / f"net_{epoch}.pth")
+        if last:
+            save_checkpoint(weights, out / "net_last.pth")
+    resume = {"model": net.state_dict(), "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
+              "hook": hook.state_dict(), "rng": rng, "mining_rng": mining.get_state(), "epoch": epoch,
+              "history": history}
+    if scaler is not None:
+        resume["scaler"] = scaler.state_dict()
+    save_resume(resume, out / "resume.pth", "the re-ID train scripts")
+    write_log(history, out / "log.csv")
+    folder.commit()

@@ -11,8 +11,8 @@ import numpy as np
 import torch
 import yaml
 
-from atomic_io import atomic_path, savemat_atomic, write_text_atomic  # noqa: F401  (re-exported)
-from cli import UsageError, fail, run_main  # noqa: F401  (re-exported)
+from toolkit.atomic_io import atomic_path, savemat_atomic, write_text_atomic  # noqa: F401  (re-exported)
+from toolkit.cli import UsageError, fail, run_main  # noqa: F401  (re-exported)
 
 
 def parse_gpu_ids(gpu_ids: str) -> list[int]:

@@ -258,7 +258,7 @@ def prepare_cuhk01(root: Path, copy: bool = False) -> tuple[PrepareReport, Path]
 
 def prepare_main(fmt: str, default_dir: str, description: str) -> None:
     """Shared command line of prepare_market.py / prepare_duke.py / prepare_msmt.py / prepare_cuhk01.py."""
-    from cli import ArgumentParser, run_main
+    from toolkit.cli import ArgumentParser, run_main
 
     parser = ArgumentParser(description=description)
     parser.add_argument("--data_dir", default=default_dir,

@@ -12,8 +12,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-import data
-import distributed
+from toolkit import data, distributed
 
 LOSSES = ("triplet", "circle", "softmax")
 

@@ -7,12 +7,9 @@ import argparse
 import torch
 from torch import nn
 
-import cli
-import distributed
 import pruner
-import small_model
-import train_loop
-from train_loop import EpochEndHook
+from toolkit import cli, distributed, surgery, train_loop
+from toolkit.train_loop import EpochEndHook
 
 
 class CostMeter:
@@ -20,14 +17,14 @@ class CostMeter:
 
     def __init__(self, net: nn.Module, input_size: tuple[int, int]):
         self.net = net
-        self.sizes = small_model.conv_output_sizes(net, input_size)
-        self.full = small_model.pruned_cost(net, {}, self.sizes)
+        self.sizes = surgery.conv_output_sizes(net, input_size)
+        self.full = surgery.pruned_cost(net, {}, self.sizes)
 
     def note(self, pruned: dict[str, torch.Tensor]) -> str:
         widths = {name: self.net.get_submodule(name.rsplit(".", 1)[0]).out_channels for name in pruned}
         total, n_pruned = sum(widths.values()), sum(len(idx) for idx in pruned.values())
         kept = {name: widths[name] - len(idx) for name, idx in pruned.items()}
-        params, macs = small_model.pruned_cost(self.net, kept, self.sizes)
+        params, macs = surgery.pruned_cost(self.net, kept, self.sizes)
         return (f"pruned {n_pruned}/{total} filters ({n_pruned / max(total, 1):.1%}), "
                 f"params {params / self.full[0]:.1%} MACs {macs / self.full[1]:.1%} remaining")
 
@@ -97,7 +94,7 @@ def hfp_model(args: argparse.Namespace, num_classes: int) -> nn.Module:
     meter = CostMeter(net, (args.height, args.width))
     if distributed.is_main():
         print("HFP: " + meter.note(pruned))
-    return small_model.make_small_model(net, small_model.kept_filters(net, args.network_arch, pruned))
+    return surgery.make_small_model(net, surgery.kept_filters(net, args.network_arch, pruned))
 
 
 USER_ERRORS = (pruner.PruneError,) + train_loop.USER_ERRORS
