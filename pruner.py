@@ -6,20 +6,24 @@ Public API (other code and checks call it exactly so):
     select_layers(model, rates, criterion, knn=2, efficient=False)     -> {conv weight name: pruned indices}
     FilterMask                                                          -> select, decay / zero, save, load
 
-`pruned_convs(arch)` is the one place that says which convs are pruned, which BN follows each, which
-convs consume its output channels, and how rates are tied inside a block.
+`pruned_convs(arch)` says which convs of ft_net are pruned (read from toolkit.wiring, the one wiring table
+of the project's ResNets: each conv's BN and consumers), and `equalise_block_rates` how rates are tied
+inside a block.
 """
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass, field
 
 import torch
+import torchvision
 from torch import nn
 
 from toolkit.errors import UserError
+from toolkit.wiring import resnet_wiring
 
 CRITERIA = ("l1", "l2", "fpgm", "bafd")
-BLOCKS = {"resnet18": [2, 2, 2, 2], "resnet34": [3, 4, 6, 3], "resnet50": [3, 4, 6, 3]}
+ARCHS = ("resnet18", "resnet34", "resnet50")  # ft_net backbones; their wiring is read from torchvision's modules
 ISCLOSE_RTOL, ISCLOSE_ATOL = 1e-5, 1e-8
 
 
@@ -52,29 +56,29 @@ class PrunedConv:
 
 
 def pruned_convs(arch: str) -> list[PrunedConv]:
-    """Every pruned conv of ft_net's backbone, in model order.
+    """Every pruned conv of ft_net's backbone, in model order (toolkit.wiring's table of the backbone).
 
     resnet18/34: both convs of every basic block (not the stem, not downsample); all are ranked.
     resnet50: the stem and the three convs of every bottleneck (not downsample); the stem and the 3x3
     convs are ranked, and a bottleneck's 1x1 convs take its 3x3 conv's rate.
     """
-    if arch not in BLOCKS:
-        raise PruneError(f"unknown arch {arch!r}; choose one of {', '.join(BLOCKS)}")
-    bottleneck = arch == "resnet50"
+    if arch not in ARCHS:
+        raise PruneError(f"unknown arch {arch!r}; choose one of {', '.join(ARCHS)}")
+    return list(_pruned_convs(arch))
+
+
+@functools.lru_cache(maxsize=None)
+def _pruned_convs(arch: str) -> tuple[PrunedConv, ...]:
+    with torch.device("meta"):  # the structure only: no weights are made
+        backbone = getattr(torchvision.models, arch)()
+    bottleneck = any(w.role == "inner" and w.kernel_size == (1, 1) for w in resnet_wiring(backbone))
     layers = []
-    if bottleneck:
-        layers.append(PrunedConv("model.conv1", "model.bn1", None, False, True,
-                                 ("model.layer1.0.conv1", "model.layer1.0.downsample.0")))
-    n_convs = 3 if bottleneck else 2
-    for li, n_blocks in enumerate(BLOCKS[arch], 1):
-        for bi in range(n_blocks):
-            block = f"model.layer{li}.{bi}"
-            for ci in range(1, n_convs + 1):
-                is_output = ci == n_convs
-                consumers = () if is_output else (f"{block}.conv{ci + 1}",)
-                ranked = (ci == 2) if bottleneck else True
-                layers.append(PrunedConv(f"{block}.conv{ci}", f"{block}.bn{ci}", block, is_output, ranked, consumers))
-    return layers
+    for w in resnet_wiring(backbone, "model."):
+        if w.role == "downsample" or (w.role == "stem" and not bottleneck):
+            continue
+        ranked = w.role == "stem" or not bottleneck or w.kernel_size == (3, 3)
+        layers.append(PrunedConv(w.conv, w.bn, w.block, w.role == "output", ranked, w.consumers))
+    return tuple(layers)
 
 
 def layer_by_weight(arch: str) -> dict[str, PrunedConv]:

@@ -9,7 +9,6 @@ the same convs.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -17,6 +16,7 @@ import torchvision
 from torch import nn
 
 import model as reid_model
+from toolkit.wiring import Wire, resnet_wiring
 
 CIFAR_DEPTHS = {"resnet20": 20, "resnet32": 32, "resnet44": 44, "resnet56": 56, "resnet110": 110}
 IMAGENET_ARCHS = ("resnet18", "resnet34", "resnet50", "resnet101", "resnet152")
@@ -118,33 +118,9 @@ def build_model(arch: str, num_classes: int, pretrained: bool | str = False) -> 
     return net
 
 
-@dataclass(frozen=True)
-class ConvUnit:
-    """A conv, the BN after it, and where its output goes: `readers` are the convs that read it directly
-    (through BN, ReLU and, after the stem, max-pooling), `residual` whether it also enters the residual
-    stream (stem, block-output and downsample convs)."""
-    conv: str
-    bn: str
-    readers: tuple[str, ...]
-    residual: bool
+ConvUnit = Wire  # conv, bn, readers (its consumers), residual: the one wiring table's entry
 
 
-def conv_units(net: nn.Module) -> list[ConvUnit]:
+def conv_units(net: nn.Module) -> list[Wire]:
     """Every conv of a CIFAR or torchvision ResNet with its BN and readers, in parameter order."""
-    first = net.layer1[0]
-    stem_readers = ("layer1.0.conv1",) + (("layer1.0.downsample.0",) if getattr(first, "downsample", None)
-                                          is not None else ())
-    units = [ConvUnit("conv1", "bn1", stem_readers, True)]
-    for name, block in net.named_modules():
-        if isinstance(block, torchvision.models.resnet.Bottleneck):
-            units += [ConvUnit(f"{name}.conv1", f"{name}.bn1", (f"{name}.conv2",), False),
-                      ConvUnit(f"{name}.conv2", f"{name}.bn2", (f"{name}.conv3",), False),
-                      ConvUnit(f"{name}.conv3", f"{name}.bn3", (), True)]
-        elif isinstance(block, (torchvision.models.resnet.BasicBlock, CifarBasicBlock)):
-            units += [ConvUnit(f"{name}.conv1", f"{name}.bn1", (f"{name}.conv2",), False),
-                      ConvUnit(f"{name}.conv2", f"{name}.bn2", (), True)]
-        else:
-            continue
-        if getattr(block, "downsample", None) is not None:
-            units.append(ConvUnit(f"{name}.downsample.0", f"{name}.downsample.1", (), True))
-    return units
+    return resnet_wiring(net)
