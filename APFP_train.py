@@ -17,7 +17,7 @@ def get_args_parser() -> argparse.ArgumentParser:
 
 
 def main(args: argparse.Namespace) -> None:
-    train_loop.train(args, make_hook=hooks.bafd_hook, method="bafd")
+    hooks.train_method(args, "bafd")
 
 
 if __name__ == "__main__":

@@ -13,7 +13,7 @@ def get_args_parser() -> argparse.ArgumentParser:
 
 
 def main(args: argparse.Namespace) -> None:
-    train_loop.train(args, make_hook=hooks.uniform_hook("fpgm"), method="fpgm")
+    hooks.train_method(args, "fpgm")
 
 
 if __name__ == "__main__":

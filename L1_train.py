@@ -13,7 +13,7 @@ def get_args_parser() -> argparse.ArgumentParser:
 
 
 def main(args: argparse.Namespace) -> None:
-    train_loop.train(args, build_model=hooks.hfp_model, method="hfp")
+    hooks.train_method(args, "hfp")
 
 
 if __name__ == "__main__":

@@ -13,7 +13,7 @@ def get_args_parser() -> argparse.ArgumentParser:
 
 
 def main(args: argparse.Namespace) -> None:
-    train_loop.train(args, make_hook=hooks.uniform_hook("l2"), method="sfp")
+    hooks.train_method(args, "sfp")
 
 
 if __name__ == "__main__":

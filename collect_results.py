@@ -63,7 +63,8 @@ def small_cost(run: Path, epoch: str, method: str, size: tuple[int, int]) -> tup
     from toolkit import surgery
     from toolkit.surgery import small_from_checkpoint
     state = model_lib.load_checkpoint(ckpt)
-    nonl1 = method in ("bafd", "sfp", "fpgm")
+    from toolkit.hooks import METHODS
+    nonl1 = method in METHODS and METHODS[method].checkpoint == "zeroed"
     try:
         _, small = small_from_checkpoint(state, nonl1)
     except model_lib.ModelError:  # e.g. an unpruned baseline: count the model as it is

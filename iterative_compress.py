@@ -36,7 +36,8 @@ def get_args_parser() -> argparse.ArgumentParser:
                    help="the trained starting model: an ft_net, zeroed (BAFD/SFP/FPGM) or small checkpoint")
     p.add_argument("--out", required=True, help="output folder (round_<k>/ per round, metrics.json)")
     p.add_argument("--rounds", type=cli.positive_int, default=3, help="number of prune -> shrink -> fine-tune rounds")
-    p.add_argument("--criterion", default="l1", choices=pruner.CRITERIA, help="which filters a round removes")
+    p.add_argument("--criterion", default="l1", help="which filters a round removes",
+                   choices=[name for name, c in pruner.CRITERIA_REGISTRY.items() if c.needs == "weights"])
     p.add_argument("--knn", type=cli.positive_int, default=2, help="BAFD/FPGM neighbourhood size k")
     p.add_argument("--max_lrate", type=cli.prune_fraction, default=0.95,
                    help="BAFD: most a layer may lose in one round")

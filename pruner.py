@@ -1,4 +1,4 @@
-"""Filter pruning criteria: L1 (HFP), L2 (SFP), FPGM and BAFD.
+"""Filter pruning criteria, one registered function each: L1 (HFP), L2 (SFP), FPGM, BAFD and Taylor.
 
 Public API (other code and checks call it exactly so):
     select_filters(weight, n_prune, criterion, knn=2, efficient=False) -> sorted LongTensor of pruned filters
@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import functools
 from dataclasses import dataclass, field
+from typing import Callable
 
 import torch
 import torchvision
@@ -22,7 +23,6 @@ from torch import nn
 from toolkit.errors import UserError
 from toolkit.wiring import resnet_wiring
 
-CRITERIA = ("l1", "l2", "fpgm", "bafd")
 ARCHS = ("resnet18", "resnet34", "resnet50")  # ft_net backbones; their wiring is read from torchvision's modules
 ISCLOSE_RTOL, ISCLOSE_ATOL = 1e-5, 1e-8
 
@@ -244,29 +244,92 @@ def _smallest(scores: torch.Tensor, n: int) -> torch.Tensor:
     return torch.argsort(scores, stable=True)[:n]
 
 
+@dataclass(frozen=True)
+class Criterion:
+    """How one criterion picks the filters of a conv to prune. `select(weight, n_prune, knn, efficient,
+    workspace, scores)` returns their indices (any order, 0 < n_prune < N). `needs` says what it reads:
+    "weights" (the conv weight) or "taylor" (per-filter activation x gradient scores that the caller
+    gathers on training batches, passed as `scores`)."""
+    name: str
+    select: Callable[..., torch.Tensor]
+    needs: str = "weights"
+
+
+CRITERIA_REGISTRY: dict[str, Criterion] = {}
+
+
+def register_criterion(name: str, needs: str = "weights") -> Callable:
+    """Decorator: add a selection function to the registry under `name` (select_filters, FilterMask and the
+    --criterion choices then know it)."""
+    def add(select: Callable[..., torch.Tensor]) -> Callable[..., torch.Tensor]:
+        CRITERIA_REGISTRY[name] = Criterion(name, select, needs)
+        return select
+    return add
+
+
+@register_criterion("l1")
+def l1_norm(weight: torch.Tensor, n_prune: int, **_) -> torch.Tensor:
+    """HFP: the smallest L1 norms."""
+    return _smallest(weight.detach().flatten(1).double().abs().sum(1), n_prune)
+
+
+@register_criterion("l2")
+def l2_norm(weight: torch.Tensor, n_prune: int, **_) -> torch.Tensor:
+    """SFP: the smallest L2 norms."""
+    return _smallest(weight.detach().flatten(1).double().norm(dim=1), n_prune)
+
+
+@register_criterion("fpgm")
+def geometric_median(weight: torch.Tensor, n_prune: int, workspace: Workspace | None = None, **_) -> torch.Tensor:
+    """FPGM: the smallest summed distances to the other filters (nearest the geometric median)."""
+    return _smallest(squared_distance_matrix(weight, workspace).sqrt_().sum(1), n_prune)
+
+
+@register_criterion("bafd")
+def adjacent_filters(weight: torch.Tensor, n_prune: int, knn: int = 2, efficient: bool = False,
+                     workspace: Workspace | None = None, **_) -> torch.Tensor:
+    """BAFD: greedily the smallest local power (sum of the k nearest distances); FPGM's rule once k covers
+    what stays; with `efficient` and more than half pruned, the keep set is built instead."""
+    n = weight.shape[0]
+    if knn >= n - n_prune:  # BAFD's global rule
+        return geometric_median(weight, n_prune, workspace=workspace)
+    d2 = squared_distance_matrix(weight, workspace)
+    if efficient and n_prune / n > 0.5:  # build the keep set: largest local power first
+        keep = torch.tensor(bafd_greedy(d2, n - n_prune, knn, smallest=False))
+        mask = torch.ones(n, dtype=torch.bool)
+        mask[keep] = False
+        return torch.nonzero(mask).squeeze(1)
+    return torch.tensor(bafd_greedy(d2, n_prune, knn, smallest=True))
+
+
+@register_criterion("taylor", needs="taylor")
+def taylor_importance(weight: torch.Tensor, n_prune: int, scores: torch.Tensor | None = None, **_) -> torch.Tensor:
+    """First-order Taylor importance (Molchanov et al.): the smallest accumulated |sum of activation x gradient|
+    of the filter's output map (`scores`, gathered by toolkit.hooks.TaylorScores)."""
+    if scores is None or scores.shape != (weight.shape[0],):
+        raise PruneError("the taylor criterion needs one accumulated score per filter (see toolkit.hooks)")
+    return _smallest(scores.detach().double().cpu(), n_prune)
+
+
+def check_criterion(criterion: str) -> Criterion:
+    if criterion not in CRITERIA_REGISTRY:
+        raise PruneError(f"unknown criterion {criterion!r}; choose one of {', '.join(CRITERIA_REGISTRY)}")
+    return CRITERIA_REGISTRY[criterion]
+
+
+CRITERIA = tuple(CRITERIA_REGISTRY)  # the registered names (a criterion registered later is in CRITERIA_REGISTRY)
+
+
 def select_filters(weight: torch.Tensor, n_prune: int, criterion: str, knn: int = 2,
-                   efficient: bool = False, workspace: Workspace | None = None) -> torch.Tensor:
+                   efficient: bool = False, workspace: Workspace | None = None,
+                   scores: torch.Tensor | None = None) -> torch.Tensor:
     """Sorted indices of the `n_prune` filters of one conv weight (N, C, kh, kw) to prune."""
-    if criterion not in CRITERIA:
-        raise PruneError(f"unknown criterion {criterion!r}; choose one of {', '.join(CRITERIA)}")
+    chosen_by = check_criterion(criterion)
     n = weight.shape[0]
     n_prune = max(0, min(int(n_prune), n))
     if n_prune == 0:
         return torch.empty(0, dtype=torch.long)
-    if criterion in ("l1", "l2"):
-        flat = weight.detach().flatten(1).double()
-        chosen = _smallest(flat.abs().sum(1) if criterion == "l1" else flat.norm(dim=1), n_prune)
-    elif criterion == "fpgm" or knn >= n - n_prune:  # FPGM, or BAFD's global rule
-        chosen = _smallest(squared_distance_matrix(weight, workspace).sqrt_().sum(1), n_prune)
-    elif efficient and n_prune / n > 0.5:  # build the keep set: largest local power first
-        d2 = squared_distance_matrix(weight, workspace)
-        keep = torch.tensor(bafd_greedy(d2, n - n_prune, knn, smallest=False))
-        mask = torch.ones(n, dtype=torch.bool)
-        mask[keep] = False
-        chosen = torch.nonzero(mask).squeeze(1)
-    else:
-        d2 = squared_distance_matrix(weight, workspace)
-        chosen = torch.tensor(bafd_greedy(d2, n_prune, knn, smallest=True))
+    chosen = chosen_by.select(weight, n_prune, knn=knn, efficient=efficient, workspace=workspace, scores=scores)
     return torch.sort(chosen.cpu().long()).values
 
 
@@ -279,12 +342,15 @@ def conv_weights(model: nn.Module, names) -> dict[str, torch.Tensor]:
 
 
 def select_layers(model: nn.Module, rates: dict[str, float], criterion: str, knn: int = 2,
-                  efficient: bool = False, workspace: Workspace | None = None) -> dict[str, torch.Tensor]:
-    """{conv weight name: sorted pruned indices} with n_prune = int(N * rate) per layer, on the current weights."""
+                  efficient: bool = False, workspace: Workspace | None = None,
+                  scores: dict[str, torch.Tensor] | None = None) -> dict[str, torch.Tensor]:
+    """{conv weight name: sorted pruned indices} with n_prune = int(N * rate) per layer, on the current weights
+    (and, for a criterion that needs them, the per-filter `scores` of each conv weight name)."""
     selected, workspace = {}, workspace or Workspace()
     for name, weight in conv_weights(model, rates).items():
         n_prune = int(weight.shape[0] * rates[name])
-        selected[name] = select_filters(weight, n_prune, criterion, knn, efficient and rates[name] > 0.5, workspace)
+        selected[name] = select_filters(weight, n_prune, criterion, knn, efficient and rates[name] > 0.5, workspace,
+                                        None if scores is None else scores.get(name))
     return selected
 
 
@@ -387,15 +453,15 @@ class FilterMask:
     """
 
     def __init__(self, arch: str, rates: dict[str, float], criterion: str, knn: int = 2, efficient: bool = False):
-        if criterion not in CRITERIA:
-            raise PruneError(f"unknown criterion {criterion!r}")
+        check_criterion(criterion)
         self.arch, self.rates, self.criterion = arch, dict(rates), criterion
         self.knn, self.efficient = knn, efficient
         self.selected: dict[str, torch.Tensor] = {}
         self.workspace = Workspace()
 
-    def select(self, model: nn.Module) -> dict[str, torch.Tensor]:
-        self.selected = select_layers(model, self.rates, self.criterion, self.knn, self.efficient, self.workspace)
+    def select(self, model: nn.Module, scores: dict[str, torch.Tensor] | None = None) -> dict[str, torch.Tensor]:
+        self.selected = select_layers(model, self.rates, self.criterion, self.knn, self.efficient, self.workspace,
+                                      scores)
         return self.selected
 
     @torch.no_grad()

@@ -1,5 +1,6 @@
 # The paper's experiment grid, in one place: edit these (or set them in the environment) and run
 #   bash scripts/APFP_train.sh ; bash scripts/SFP_train.sh ; bash scripts/FPGM_train.sh ; bash scripts/L1_train.sh
+#   bash scripts/Taylor_train.sh   (TAYLOR_RUNS, empty by default)
 #   bash scripts/test.sh ; bash scripts/small_test.sh ; python collect_results.py
 # DRY_RUN=1 prints the commands instead of running them.
 
@@ -21,6 +22,8 @@ DECAY=${DECAY:-0.3}
 SFP_RUNS=${SFP_RUNS:-"resnet50:0.9 resnet50:0.5 resnet34:0.5"}
 FPGM_RUNS=${FPGM_RUNS:-"resnet18:0.9 resnet18:0.5"}
 HFP_RUNS=${HFP_RUNS:-"resnet18:0.9 resnet18:0.5"}
+TAYLOR_RUNS=${TAYLOR_RUNS:-""}             # Taylor_train.py (not in the paper): e.g. "resnet18:0.5"
+TAYLOR_BATCHES=${TAYLOR_BATCHES:-8}
 
 source scripts/common.sh
 
@@ -32,6 +35,7 @@ grid() {
         for pair in $SFP_RUNS; do echo "sfp ${pair%%:*} ${pair##*:} $dataset"; done
         for pair in $FPGM_RUNS; do echo "fpgm ${pair%%:*} ${pair##*:} $dataset"; done
         for pair in $HFP_RUNS; do echo "hfp ${pair%%:*} ${pair##*:} $dataset"; done
+        for pair in $TAYLOR_RUNS; do echo "taylor ${pair%%:*} ${pair##*:} $dataset"; done
     done
 }
 

@@ -1,4 +1,4 @@
-"""The four train scripts end to end on tiny synthetic data (CPU), and BAFD's resume."""
+"""The five train scripts end to end on tiny synthetic data (CPU), and BAFD's resume."""
 import pytest
 import torch
 from conftest import run_script
@@ -17,9 +17,10 @@ def zero_filters_per_layer(state: dict, names) -> dict[str, int]:
 
 
 @pytest.mark.parametrize("script,criterion", [("APFP_train.py", "bafd"), ("SFP_train.py", "l2"),
-                                              ("FPGM_train.py", "fpgm")])
+                                              ("FPGM_train.py", "fpgm"), ("Taylor_train.py", "taylor")])
 def test_mask_scripts_save_zeroed_checkpoints(synthetic_market, tmp_path, script, criterion):
-    extra = ["--efficient_pruning", "--max_lrate", "0.9"] if criterion == "bafd" else []
+    extra = {"bafd": ["--efficient_pruning", "--max_lrate", "0.9"], "taylor": ["--taylor_batches", "2"]}.get(criterion,
+                                                                                                           [])
     res = run_script(script, "--data_dir", synthetic_market / "pytorch", "--results_dir", tmp_path, "--name", "run",
                      "--save_epoch", "1", *COMMON, *extra)
     assert res.returncode == 0, res.stderr

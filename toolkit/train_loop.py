@@ -245,6 +245,17 @@ class PairForward(nn.Module):
         return f, pf, logits, plogits
 
 
+def batch_loss(pair: nn.Module, imgs: torch.Tensor, labels: torch.Tensor, positives: torch.Tensor,
+               args: argparse.Namespace, generator: torch.Generator, autocast: bool = False
+               ) -> tuple[torch.Tensor, dict]:
+    """Forward and losses of one batch: (the loss of --loss, detached stats)."""
+    with torch.autocast(imgs.device.type, enabled=autocast):
+        f, pf, logits, plogits = pair(imgs, positives)
+    return losses_lib.batch_loss(losses_lib.parse_losses(args.loss), f.float(), pf.float(), logits.float(),
+                                 plogits.float(), labels, args.margin, args.poolsize, generator, args.circle_m,
+                                 args.circle_gamma)
+
+
 def loss_and_backward(pair: nn.Module, imgs: torch.Tensor, labels: torch.Tensor, positives: torch.Tensor,
                       args: argparse.Namespace, generator: torch.Generator, scaler=None
                       ) -> tuple[torch.Tensor, dict]:
@@ -252,11 +263,7 @@ def loss_and_backward(pair: nn.Module, imgs: torch.Tensor, labels: torch.Tensor,
 
     Each rank's loss is its share of the global batch's loss and DDP averages gradients over ranks, so
     the loss is scaled by the world size: N ranks x batch B give the gradients of 1 process x batch N*B."""
-    with torch.autocast(imgs.device.type, enabled=scaler is not None):
-        f, pf, logits, plogits = pair(imgs, positives)
-    loss, stats = losses_lib.batch_loss(losses_lib.parse_losses(args.loss), f.float(), pf.float(), logits.float(),
-                                        plogits.float(), labels, args.margin, args.poolsize, generator,
-                                        args.circle_m, args.circle_gamma)
+    loss, stats = batch_loss(pair, imgs, labels, positives, args, generator, autocast=scaler is not None)
     scaled = loss * distributed.world_size()
     (scaler.scale(scaled) if scaler is not None else scaled).backward()
     return loss.detach(), stats
@@ -346,7 +353,7 @@ def wrap_for_training(net: nn.Module, device: torch.device, args: argparse.Names
 
 def train(args: argparse.Namespace, make_hook: Callable[[nn.Module, argparse.Namespace], EpochEndHook] | None = None,
           build_model: Callable[[argparse.Namespace, int], nn.Module] = default_model,
-          method: str = "baseline") -> nn.Module:
+          method: str = "baseline", method_row: dict | None = None) -> nn.Module:
     """Train (and prune, through the hook) one run; returns the final model. `method` is recorded in
     opts.yaml (bafd, sfp, fpgm, hfp) for the tools that collect results.
 
@@ -397,7 +404,7 @@ def train(args: argparse.Namespace, make_hook: Callable[[nn.Module, argparse.Nam
         if main:
             print(f"resuming {out} after epoch {state['epoch']}")
     options = {**vars(args), "nclasses": num_classes, "arch": args.network_arch, "method": method,
-               "world_size": world}
+               "world_size": world, **({"method_row": method_row} if method_row else {})}
     if main:
         if len(train_dirs) > 1:
             for source in loader.dataset.sources:
