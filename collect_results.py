@@ -11,8 +11,6 @@ when no runtime table exists.
 from __future__ import annotations
 
 import argparse
-import csv
-import io
 import json
 from pathlib import Path
 
@@ -152,11 +150,7 @@ def main(args: argparse.Namespace) -> list[dict]:
     rows = collect(results_dir, args.which_epoch, size)
     table = markdown(rows)
     utils.write_text_atomic(table, out / "results.md")
-    buf = io.StringIO()
-    writer = csv.DictWriter(buf, COLUMNS, extrasaction="ignore")
-    writer.writeheader()
-    writer.writerows(rows)
-    utils.write_text_atomic(buf.getvalue(), out / "results.csv")
+    utils.write_csv_atomic(rows, COLUMNS, out / "results.csv")
     plots = plot(rows, out)
     print(table)
     print(f"{len(rows)} runs -> {out / 'results.md'}, {out / 'results.csv'}")

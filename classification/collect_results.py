@@ -4,8 +4,6 @@ formula's FLOPs reduction, the small model's real one, and params.
     python -m classification.collect_results --logs ./logs ./snapshots     # -> results.md / results.csv
 """
 import argparse
-import csv
-import io
 import json
 from pathlib import Path
 
@@ -53,11 +51,7 @@ def main(args: argparse.Namespace) -> list[dict]:
             "model's MACs by torch.utils.flop_counter.\n")
     out = Path(args.out)
     utils.write_text_atomic("\n".join(md) + "\n" + note, out / "results.md")
-    buf = io.StringIO()
-    writer = csv.DictWriter(buf, COLUMNS)
-    writer.writeheader()
-    writer.writerows(table)
-    utils.write_text_atomic(buf.getvalue(), out / "results.csv")
+    utils.write_csv_atomic(table, COLUMNS, out / "results.csv")
     print("\n".join(md) + note + f"wrote {out}/results.md and results.csv")
     return table
 

@@ -15,11 +15,11 @@ from PIL import Image
 from torch.utils.data import DataLoader, Dataset, Sampler
 from torchvision import datasets, transforms
 
+from toolkit.data import IMAGENET_MEAN, IMAGENET_STD, epoch_generator
 from toolkit.layouts import DatasetError
 
 CIFAR_MEAN = [x / 255 for x in (125.3, 123.0, 113.9)]
 CIFAR_STD = [x / 255 for x in (63.0, 62.1, 66.7)]
-IMAGENET_MEAN, IMAGENET_STD = [0.485, 0.456, 0.406], [0.229, 0.224, 0.225]
 CIFAR_TRAIN = [f"data_batch_{i}" for i in range(1, 6)]
 
 
@@ -106,7 +106,7 @@ class GlobalBatchSampler(Sampler[int]):
         self.epoch = epoch
 
     def __iter__(self):
-        order = (torch.randperm(self.n, generator=torch.Generator().manual_seed(self.seed * 1_000_003 + self.epoch))
+        order = (torch.randperm(self.n, generator=epoch_generator(self.seed, self.epoch))
                  if self.shuffle else torch.arange(self.n))
         if self.shuffle:  # training: whole global batches
             steps = self.n // (self.batch_size * self.world)

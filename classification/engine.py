@@ -7,8 +7,6 @@ optimiser, then per epoch train -> mask -> evaluate (the accuracy reported is af
 from __future__ import annotations
 
 import argparse
-import csv
-import io
 import json
 import time
 from dataclasses import dataclass, field
@@ -234,12 +232,7 @@ def cost_report(net: nn.Module, r: Recipe, layers: list[str]) -> dict:
 
 
 def write_log(history: list[dict], path: Path) -> None:
-    buf = io.StringIO()
-    fields = ["epoch", "lr", "loss", "train_top1", "top1", "top5", "seconds"]
-    writer = csv.DictWriter(buf, fields, extrasaction="ignore")
-    writer.writeheader()
-    writer.writerows(history)
-    utils.write_text_atomic(buf.getvalue(), path)
+    utils.write_csv_atomic(history, ["epoch", "lr", "loss", "train_top1", "top1", "top5", "seconds"], path)
 
 
 def run_folder(r: Recipe, overwrite: bool) -> RunFolder | None:

@@ -4,9 +4,8 @@ import argparse
 
 from classification import engine
 from classification.models import IMAGENET_ARCHS
+from classification.sfp import last_conv_index
 from toolkit import cli
-
-LAYER_END = {"resnet18": 57, "resnet34": 105, "resnet50": 156, "resnet101": 309, "resnet152": 462}
 
 
 def add_imagenet_args(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
@@ -45,7 +44,7 @@ def recipe(args: argparse.Namespace, prune: bool = True) -> engine.Recipe:
         lr=args.lr, momentum=args.momentum, weight_decay=args.weight_decay, nesterov=False, workers=args.workers,
         seed=args.seed, lr_adjust=args.lr_adjust, prune=prune and args.rate < 1,
         rate=args.rate if prune else 1.0, layer_begin=args.layer_begin if prune else 0,
-        layer_end=(args.layer_end if args.layer_end is not None else LAYER_END[args.arch]) if prune else 0,
+        layer_end=(args.layer_end if args.layer_end is not None else last_conv_index(args.arch)) if prune else 0,
         layer_inter=args.layer_inter if prune else 3, epoch_prune=args.epoch_prune if prune else 1,
         skip_downsample=bool(args.skip_downsample) if prune else True, prune_bn=args.prune_bn,
         pretrained=(args.pretrained or True) if args.use_pretrain else False,

@@ -12,6 +12,7 @@ import argparse
 
 from classification import engine
 from classification.models import CIFAR_DEPTHS
+from classification.sfp import last_conv_index
 from toolkit import cli, utils
 
 
@@ -49,13 +50,12 @@ def get_args_parser() -> argparse.ArgumentParser:
 def recipe(args: argparse.Namespace) -> engine.Recipe:
     if args.use_pretrain and not args.pretrain_path:
         raise cli.UsageError("--use_pretrain needs --pretrain_path CHECKPOINT")
-    depth = CIFAR_DEPTHS[args.arch]
     return engine.Recipe(
         data=args.data_path, arch=args.arch, save_dir=args.save_path, epochs=args.epochs,
         batch_size=args.batch_size, lr=args.learning_rate, momentum=args.momentum, weight_decay=args.decay,
         nesterov=True, workers=args.workers, seed=args.manualSeed, schedule=args.schedule, gammas=args.gammas,
         prune=args.rate < 1, rate=args.rate, layer_begin=args.layer_begin,
-        layer_end=args.layer_end if args.layer_end is not None else 3 * (depth - 2),
+        layer_end=args.layer_end if args.layer_end is not None else last_conv_index(args.arch),
         layer_inter=args.layer_inter, epoch_prune=args.epoch_prune, skip_downsample=False,
         prune_bn=args.prune_bn, sparse=args.pretrain_path if args.use_pretrain else None, resume=args.resume,
         evaluate=args.evaluate, gpu_ids=args.gpu_ids)

@@ -10,7 +10,7 @@ import torch
 from torch import nn
 
 import pruner
-from classification.models import ModelError, conv_units
+from classification.models import ModelError, build_model, conv_units
 
 
 def pruned_layers(net: nn.Module, layer_begin: int, layer_end: int, layer_inter: int,
@@ -35,6 +35,15 @@ def pruned_layers(net: nn.Module, layer_begin: int, layer_end: int, layer_inter:
         if not (skip_downsample and ".downsample." in names[index]):
             layers.append(convs[names[index]].conv)
     return layers
+
+
+def last_conv_index(arch: str) -> int:
+    """The parameter index of an arch's last conv weight: the default --layer_end (every conv, stem
+    included; ImageNet resnet18 57, resnet50 156, CIFAR resnet20 54, resnet56 162)."""
+    with torch.device("meta"):
+        net = build_model(arch, 10)
+    names = [name for name, _ in net.named_parameters()]
+    return max(names.index(f"{u.conv}.weight") for u in conv_units(net))
 
 
 def n_pruned(filters: int, rate: float) -> int:

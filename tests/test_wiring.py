@@ -86,3 +86,10 @@ def test_rate_tying_in_a_block_is_unchanged(arch):
         expected = rates[block[1].weight] if arch == "resnet50" else (rates[block[0].weight]
                                                                        + rates[block[1].weight]) / 2
         assert tied[c.weight] == expected
+
+
+def test_default_layer_end_is_the_sfp_codes_table():
+    from classification.sfp import last_conv_index
+    sfp_readme = {"resnet18": 57, "resnet34": 105, "resnet50": 156, "resnet101": 309, "resnet152": 462,
+                  "resnet20": 54, "resnet32": 90, "resnet56": 162, "resnet110": 324}
+    assert {arch: last_conv_index(arch) for arch in sfp_readme} == sfp_readme

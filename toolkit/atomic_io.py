@@ -6,6 +6,8 @@ give (0644 under umask 022), not mkstemp's private 0600, so results stay readabl
 """
 from __future__ import annotations
 
+import csv
+import io
 import os
 import tempfile
 from contextlib import contextmanager
@@ -38,6 +40,17 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
 def write_text_atomic(text: str, path: str | os.PathLike) -> None:
     with atomic_path(path) as tmp:
         tmp.write_text(text)
+
+
+def write_csv_atomic(rows: list[dict], fields: list[str] | None, path: str | os.PathLike) -> None:
+    """A CSV table with a header: `fields` in that order (keys of a row outside them are left out), or every
+    key of any row, in order of appearance, when fields is None."""
+    fields = fields if fields is not None else list(dict.fromkeys(key for row in rows for key in row))
+    buf = io.StringIO()
+    writer = csv.DictWriter(buf, fields, extrasaction="ignore")
+    writer.writeheader()
+    writer.writerows(rows)
+    write_text_atomic(buf.getvalue(), path)
 
 
 def savemat_atomic(arrays: dict, path: str | os.PathLike) -> None:

@@ -12,6 +12,12 @@ from torchvision import transforms
 from toolkit.layouts import DatasetError, is_image, parse_name
 
 IMAGENET_MEAN, IMAGENET_STD = [0.485, 0.456, 0.406], [0.229, 0.224, 0.225]
+
+
+def epoch_generator(seed: int, epoch: int) -> torch.Generator:
+    """The generator of one epoch's sample order: every sampler of the project draws from it, so a run's
+    order depends on (seed, epoch) only, whatever the number of processes."""
+    return torch.Generator().manual_seed(seed * 1_000_003 + epoch)
 NUM_POSITIVES = 4
 
 
@@ -139,7 +145,7 @@ class BalancedSampler(Sampler[int]):
         self.epoch = epoch
 
     def __iter__(self):
-        gen = torch.Generator().manual_seed(self.seed * 1_000_003 + self.epoch)
+        gen = epoch_generator(self.seed, self.epoch)
         draw = torch.multinomial(self.weights, len(self.weights), replacement=True, generator=gen)
         per_step = draw[:self.steps * self.batch_size * self.world].view(self.steps, self.world, self.batch_size)
         return iter(per_step[:, self.rank].flatten().tolist())

@@ -1,8 +1,6 @@
 """Latency tables: medians of runs timed in turns, ratios to the first row, the printed table, CSV and JSON."""
 from __future__ import annotations
 
-import csv
-import io
 import json
 import statistics
 import tempfile
@@ -14,7 +12,7 @@ import torch
 
 import model as model_lib
 from toolkit import features, onnx_export, utils
-from toolkit.atomic_io import write_text_atomic
+from toolkit.atomic_io import write_csv_atomic, write_text_atomic
 
 
 def median_latencies(fns: dict[str, Callable[[], object]], warmup: int, repeats: int,
@@ -65,12 +63,7 @@ def format_table(rows: list[dict], batch_sizes: list[int]) -> str:
 
 
 def write_outputs(rows: list[dict], stem: Path) -> None:
-    buf = io.StringIO()
-    fields = list(dict.fromkeys(key for row in rows for key in row))  # rows may lack optional columns
-    writer = csv.DictWriter(buf, fields)
-    writer.writeheader()
-    writer.writerows(rows)
-    write_text_atomic(buf.getvalue(), stem.with_suffix(".csv"))
+    write_csv_atomic(rows, None, stem.with_suffix(".csv"))  # rows may lack optional columns
     write_text_atomic(json.dumps(rows, indent=2), stem.with_suffix(".json"))
 
 

@@ -7,8 +7,6 @@ lives here and is read top to bottom in `train()`.
 from __future__ import annotations
 
 import argparse
-import csv
-import io
 import time
 from pathlib import Path
 from typing import Callable
@@ -324,11 +322,7 @@ LOG_FIELDS = ["epoch", "loss", "accuracy", "mean_margin", "id_accuracy", "lr", "
 
 
 def write_log(history: list[dict], path: Path) -> None:
-    buf = io.StringIO()
-    writer = csv.DictWriter(buf, LOG_FIELDS, extrasaction="ignore")
-    writer.writeheader()
-    writer.writerows(history)
-    utils.write_text_atomic(buf.getvalue(), path)
+    utils.write_csv_atomic(history, LOG_FIELDS, path)
 
 
 def wrap_for_training(net: nn.Module, device: torch.device, args: argparse.Namespace) -> nn.Module:

@@ -11,7 +11,7 @@ import numpy as np
 import torch
 import yaml
 
-from toolkit.atomic_io import atomic_path, savemat_atomic, write_text_atomic  # noqa: F401  (re-exported)
+from toolkit.atomic_io import atomic_path, savemat_atomic, write_csv_atomic, write_text_atomic  # noqa: F401
 from toolkit.cli import UsageError, fail, run_main  # noqa: F401  (re-exported)
 
 

@@ -16,7 +16,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
 from torchvision import transforms
 
-from toolkit.data import load_rgb
+from toolkit.data import epoch_generator, load_rgb
 from toolkit.layouts import DatasetError, is_image, parse_name
 from transreid.config import DATASETS
 
@@ -111,7 +111,7 @@ class IdentitySampler(Sampler[int]):
         return self._cache[1]
 
     def _draw(self) -> list[int]:
-        gen = torch.Generator().manual_seed(self.seed * 1_000_003 + self.epoch)
+        gen = epoch_generator(self.seed, self.epoch)
         chunks: dict[int, list[list[int]]] = {}
         for pid, idx in self.by_id.items():
             if len(idx) < self.k:
