@@ -18,6 +18,7 @@ import torch
 from torch import nn
 
 from classification.models import ConvUnit, build_model, conv_units
+from toolkit.surgery import slice_bn, slice_conv, zero_filter_indices
 
 
 class PrunedInputConv(nn.Module):
@@ -84,26 +85,9 @@ def zero_input_constants(bn: nn.BatchNorm2d) -> torch.Tensor:
 
 
 def zero_filters(net: nn.Module, layers: list[str]) -> dict[str, torch.Tensor]:
-    """{conv: indices of its all-zero filters} for the pruned convs of a model with zeros."""
-    return {name: torch.nonzero(net.get_submodule(name).weight.detach().flatten(1).abs().sum(1) == 0).flatten()
-            for name in layers}
-
-
-def sliced_conv(conv: nn.Conv2d, out_idx: torch.Tensor, in_idx: torch.Tensor) -> nn.Conv2d:
-    new = nn.Conv2d(len(in_idx), len(out_idx), conv.kernel_size, conv.stride, conv.padding, conv.dilation,
-                    bias=False).to(conv.weight.device)
-    new.weight.data.copy_(conv.weight.data[out_idx][:, in_idx])
-    return new
-
-
-def sliced_bn(bn: nn.BatchNorm2d, idx: torch.Tensor) -> nn.BatchNorm2d:
-    new = nn.BatchNorm2d(len(idx), bn.eps, bn.momentum).to(bn.weight.device)
-    for name in ("weight", "bias"):
-        getattr(new, name).data.copy_(getattr(bn, name).data[idx])
-    for name in ("running_mean", "running_var"):
-        getattr(new, name).copy_(getattr(bn, name)[idx])
-    new.num_batches_tracked.copy_(bn.num_batches_tracked)
-    return new
+    """{conv: indices of its all-zero filters} for the pruned convs of a model with zeros (SFP zeroes conv
+    weights only, so only they are looked at)."""
+    return {name: zero_filter_indices(net.get_submodule(name).weight) for name in layers}
 
 
 def make_small_model(net: nn.Module, pruned: dict[str, torch.Tensor], with_constants: bool = True) -> nn.Module:
@@ -126,7 +110,7 @@ def make_small_model(net: nn.Module, pruned: dict[str, torch.Tensor], with_const
         conv, bn = get(u.conv), get(u.bn)
         src: ConvUnit | None = producer.get(u.conv)
         in_idx = kept[src.conv] if src else torch.arange(conv.in_channels)
-        new_conv: nn.Module = sliced_conv(conv, kept[u.conv], in_idx)
+        new_conv: nn.Module = slice_conv(conv, kept[u.conv], in_idx)
         if src is not None and len(removed[src.conv]):
             kernel, select = None, None
             if with_constants:
@@ -135,7 +119,7 @@ def make_small_model(net: nn.Module, pruned: dict[str, torch.Tensor], with_const
             if src.residual:
                 select = kept[src.conv].to(conv.weight.device)
             new_conv = PrunedInputConv(new_conv, kernel, select)
-        new_bn: nn.Module = sliced_bn(bn, kept[u.conv])
+        new_bn: nn.Module = slice_bn(bn, kept[u.conv])
         if u.residual and len(removed[u.conv]):
             constants = zero_input_constants(bn) if with_constants else torch.zeros(bn.num_features)
             constants = constants.clone()

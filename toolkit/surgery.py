@@ -48,15 +48,19 @@ class PrunedBlock(nn.Module):
         return self.relu(out)
 
 
+def zero_filter_indices(*tensors: torch.Tensor) -> torch.Tensor:
+    """Indices along dim 0 where every tensor (a conv weight, and optionally its BN weight and bias) is
+    exactly zero: the filters a zeroing pruner removed. Shared by the re-ID and classification small models."""
+    zero = torch.stack([t.detach().flatten(1).abs().sum(1) == 0 if t.dim() > 1 else t.detach() == 0
+                        for t in tensors]).all(0)
+    return torch.nonzero(zero).flatten().cpu()
+
+
 def zero_filters(net: nn.Module, arch: str) -> dict[str, torch.Tensor]:
     """{conv weight name: indices of filters whose conv weight, BN weight and BN bias are all 0}."""
     params = dict(net.named_parameters())
-    found = {}
-    for layer in pruner.pruned_convs(arch):
-        zero = torch.stack([params[k].detach().flatten(1).abs().sum(1) == 0 if params[k].dim() > 1
-                            else params[k].detach() == 0 for k in layer.filter_params]).all(0)
-        found[layer.weight] = torch.nonzero(zero).squeeze(1).cpu()
-    return found
+    return {layer.weight: zero_filter_indices(*(params[k] for k in layer.filter_params))
+            for layer in pruner.pruned_convs(arch)}
 
 
 def kept_filters(net: nn.Module, arch: str, pruned: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -74,7 +78,8 @@ def kept_filters(net: nn.Module, arch: str, pruned: dict[str, torch.Tensor]) -> 
     return kept
 
 
-def _slice_conv(conv: nn.Conv2d, out_idx: torch.Tensor | None, in_idx: torch.Tensor | None) -> nn.Conv2d:
+def slice_conv(conv: nn.Conv2d, out_idx: torch.Tensor | None, in_idx: torch.Tensor | None) -> nn.Conv2d:
+    """A new conv with the filters `out_idx` and input channels `in_idx` of `conv` (None: all)."""
     w = conv.weight.detach()
     if out_idx is not None:
         w = w[out_idx.to(w.device)]
@@ -88,7 +93,8 @@ def _slice_conv(conv: nn.Conv2d, out_idx: torch.Tensor | None, in_idx: torch.Ten
     return new
 
 
-def _slice_bn(bn: nn.BatchNorm2d, idx: torch.Tensor) -> nn.BatchNorm2d:
+def slice_bn(bn: nn.BatchNorm2d, idx: torch.Tensor) -> nn.BatchNorm2d:
+    """A new BN with the channels `idx` of `bn` (affine parameters and running statistics)."""
     new = nn.BatchNorm2d(len(idx), bn.eps, bn.momentum).to(bn.weight.device)
     idx = idx.to(bn.weight.device)
     for name in ("weight", "bias", "running_mean", "running_var"):
@@ -112,10 +118,10 @@ def make_small_model(net: nn.Module, kept: dict[str, torch.Tensor] | None = None
     small = copy.deepcopy(net)
     for layer in pruner.pruned_convs(arch):  # out- and in-slicing commute: each conv is sliced where it stands
         idx = kept[layer.weight].cpu()
-        _set_module(small, layer.conv, _slice_conv(small.get_submodule(layer.conv), idx, None))
-        _set_module(small, layer.bn, _slice_bn(small.get_submodule(layer.bn), idx))
+        _set_module(small, layer.conv, slice_conv(small.get_submodule(layer.conv), idx, None))
+        _set_module(small, layer.bn, slice_bn(small.get_submodule(layer.bn), idx))
         for consumer in layer.consumers:
-            _set_module(small, consumer, _slice_conv(small.get_submodule(consumer), None, idx))
+            _set_module(small, consumer, slice_conv(small.get_submodule(consumer), None, idx))
     for layer in pruner.pruned_convs(arch):
         if layer.is_block_output:
             block, idx = net.get_submodule(layer.block), kept[layer.weight].cpu()
