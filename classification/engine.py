@@ -23,20 +23,10 @@ from classification.models import CIFAR_DEPTHS, ModelError, build_model, check_a
 from classification.sfp import SoftFilterMask, pruned_layers
 from classification.small import has_constants, inner_only, make_small_model, zero_filters
 from toolkit import distributed, utils
+from toolkit import run as scaffold
 from toolkit.layouts import DatasetError
-from toolkit.run import (
-    RunError,
-    RunFolder,
-    check_finite_loss,
-    check_finite_weights,
-    check_same_run,
-    gather_rng,
-    restore_rng,
-    save_checkpoint,
-    state_dict_mismatch,
-)
 
-TrainingError = RunError  # the name the classification scripts know
+TrainingError = scaffold.RunError  # the name the classification scripts know
 
 
 USER_ERRORS = (DatasetError, reid_model.ModelError, TrainingError)  # ModelError of both packages
@@ -132,7 +122,7 @@ def load_weights(net: nn.Module, state: dict, path: str | Path) -> None:
     try:
         net.load_state_dict(state["state_dict"])
     except RuntimeError:
-        why, arch = state_dict_mismatch(net, state["state_dict"]), getattr(net, "arch", "?")
+        why, arch = scaffold.state_dict_mismatch(net, state["state_dict"]), getattr(net, "arch", "?")
         raise ModelError(f"{path} ({state.get('arch', '?')}) does not fit the {arch} being built: {why}") from None
 
 
@@ -188,7 +178,7 @@ def train_one_epoch(model: nn.Module, loader, optimizer, device: torch.device, e
         logits = model(images)
         loss = criterion(logits, target)
         loss_value = loss.item()
-        check_finite_loss(loss_value, f"epoch {epoch + 1}, step {step}/{len(loader)}")
+        scaffold.check_finite_loss(loss_value, f"epoch {epoch + 1}, step {step}/{len(loader)}")
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
@@ -235,7 +225,7 @@ def write_log(history: list[dict], path: Path) -> None:
     utils.write_csv_atomic(history, ["epoch", "lr", "loss", "train_top1", "top1", "top5", "seconds"], path)
 
 
-def run_folder(r: Recipe, overwrite: bool) -> RunFolder | None:
+def run_folder(r: Recipe, overwrite: bool) -> scaffold.RunFolder | None:
     """The save folder (None for -e): an existing run there needs --overwrite, or --resume of its own
     checkpoint.pth (a --resume from elsewhere starts a new run folder at that epoch)."""
     if r.evaluate:
@@ -243,12 +233,14 @@ def run_folder(r: Recipe, overwrite: bool) -> RunFolder | None:
     out = Path(r.save_dir)
     resuming_here = bool(r.resume) and Path(r.resume).resolve().parent == out.resolve()
     if r.resume and overwrite:
-        raise RunError("--resume continues the run, --overwrite replaces it: give one")
-    return RunFolder(out, resume=resuming_here, overwrite=overwrite, markers=("checkpoint.pth", "model_best.pth"),
-                     resume_file=Path(r.resume).name if resuming_here else "checkpoint.pth",
-                     resume_hint=f"pass --resume {out / 'checkpoint.pth'} to continue it",
-                     elsewhere="choose another save folder",
-                     inputs=[r.data, r.sparse, r.resume, r.pretrained if isinstance(r.pretrained, str) else None])
+        raise scaffold.RunError("--resume continues the run, --overwrite replaces it: give one")
+    return scaffold.RunFolder(out, resume=resuming_here, overwrite=overwrite,
+                              markers=("checkpoint.pth", "model_best.pth"),
+                              resume_file=Path(r.resume).name if resuming_here else "checkpoint.pth",
+                              resume_hint=f"pass --resume {out / 'checkpoint.pth'} to continue it",
+                              elsewhere="choose another save folder",
+                              inputs=[r.data, r.sparse, r.resume,
+                                      r.pretrained if isinstance(r.pretrained, str) else None])
 
 
 # the options that define a run: a --resume must match them (paths compared resolved)
@@ -267,7 +259,7 @@ def check_same_recipe(r: Recipe, resume: dict) -> None:
         saved = {"arch": resume["arch"], "prune_bn": resume.get("prune_bn", False)}
         if resume.get("rate", 1.0) != 1.0:
             saved["rate"] = resume["rate"]
-    check_same_run(saved, run_definition(r), r.resume, RUN_DEFINING, path_keys=("data",))
+    scaffold.check_same_run(saved, run_definition(r), r.resume, RUN_DEFINING, path_keys=("data",))
 
 
 def run(r: Recipe, overwrite: bool = False) -> dict:
@@ -313,7 +305,7 @@ def run(r: Recipe, overwrite: bool = False) -> dict:
     if resume is not None and "optimizer" in resume:
         optimizer.load_state_dict(resume["optimizer"])
         start, history, best = resume["epoch"], resume["history"], resume["best"]
-        restore_rng(resume["rng"])  # one state per rank (a file written before that holds rank 0's only)
+        scaffold.restore_rng(resume["rng"])  # one state per rank (a file written before that holds rank 0's only)
     elif mask is not None:  # SFP masks once before training
         mask.step(net)
         distributed.broadcast_module(net)
@@ -339,7 +331,7 @@ def run(r: Recipe, overwrite: bool = False) -> dict:
 
 
 def train_epoch(epoch: int, net: nn.Module, model: nn.Module, mask, optimizer, train_loader, test_loader,
-                device: torch.device, r: Recipe, folder: RunFolder, history: list[dict], best: dict,
+                device: torch.device, r: Recipe, folder: scaffold.RunFolder, history: list[dict], best: dict,
                 shape: tuple[int, list[str]]) -> None:
     """Train, mask, evaluate (the accuracy reported is after masking), then rank 0's files; `best` is
     updated in place."""
@@ -348,25 +340,25 @@ def train_epoch(epoch: int, net: nn.Module, model: nn.Module, mask, optimizer, t
     for group in optimizer.param_groups:
         group["lr"] = lr
     stats = train_one_epoch(model, train_loader, optimizer, device, epoch, r)
-    check_finite_weights(net, f"epoch {epoch + 1}")
+    scaffold.check_finite_weights(net, f"epoch {epoch + 1}")
     if mask is not None and (epoch % r.epoch_prune == 0 or epoch == r.epochs - 1):
         if main:
             mask.step(net)
         distributed.broadcast_module(net)
     metrics = evaluate(model, test_loader, device)
-    rng = gather_rng()  # every rank's own state, for --resume
+    rng = scaffold.gather_rng()  # every rank's own state, for --resume
     if not main:
         return
     out, (num_classes, layers) = folder.path, shape
     history.append({"epoch": epoch + 1, "lr": lr, **stats, **metrics})
     if metrics["top1"] > best["top1"]:
         best.update(top1=metrics["top1"], top5=metrics["top5"], epoch=epoch + 1)
-        save_checkpoint(checkpoint(net, r, num_classes, layers, epoch + 1, None, history, best),
+        scaffold.save_checkpoint(checkpoint(net, r, num_classes, layers, epoch + 1, None, history, best),
                         out / "model_best.pth")
     print(f"epoch {epoch + 1}/{r.epochs} lr {lr:.4g} loss {stats['loss']:.4f} train {stats['train_top1']:.2f}% "
           f"| test top-1 {metrics['top1']:.2f}% top-5 {metrics['top5']:.2f}%{' after masking' if mask else ''} "
           f"| best {best['top1']:.2f}% (epoch {best['epoch']}) {stats['seconds']:.1f}s", flush=True)
-    save_checkpoint(checkpoint(net, r, num_classes, layers, epoch + 1, optimizer, history, best, rng),
+    scaffold.save_checkpoint(checkpoint(net, r, num_classes, layers, epoch + 1, optimizer, history, best, rng),
                     out / "checkpoint.pth")
     write_log(history, out / "log.csv")
     folder.commit()

@@ -111,3 +111,23 @@ def amg_runs(tiny_transreid_run, synthetic_occ_duke, tmp_path_factory):
                    root / "attn" / "best.pth", "OUTPUT_DIR", root / "head")
     assert r.returncode == 0, r.stderr
     return root, data
+
+
+def mistake_problems(cases: list[tuple], cwd: Path, env: dict | None, tmp_path: Path, timeout: int = 900) -> list[str]:
+    """Run (name, script, argv, expected text) cases through tests/script_runner.py; the cases that did not
+    end as one `error: ...` line (at most 300 characters, holding the expected text), exit status 2 and no
+    traceback."""
+    from toolkit.errors import MAX_MESSAGE
+    spec = [{"script": script, "args": [str(a) for a in argv], "cwd": str(cwd), "env": env or {}}
+            for _, script, argv, _ in cases]
+    (tmp_path / "cases.json").write_text(json.dumps(spec))
+    subprocess.run([sys.executable, str(ROOT / "tests" / "script_runner.py"), tmp_path / "cases.json",
+                    tmp_path / "results.json"], check=True, timeout=timeout)
+    problems = []
+    for (name, _, _, expected), r in zip(cases, json.loads((tmp_path / "results.json").read_text())):
+        lines = [line for line in r["stderr"].splitlines() if line.strip()]
+        ok = (r["code"] == 2 and len(lines) == 1 and lines[0].startswith("error: ") and "Traceback" not in r["stderr"]
+              and len(lines[0]) <= len("error: ") + MAX_MESSAGE and (expected is None or expected in lines[0]))
+        if not ok:
+            problems.append(f"{name}: exit {r['code']}, stderr {r['stderr'][-600:]!r}")
+    return problems

@@ -7,8 +7,6 @@ import hashlib
 import json
 import shlex
 import shutil
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -16,7 +14,7 @@ import pytest
 import scipy.io
 import torch
 import torchvision
-from conftest import ROOT, run_script
+from conftest import mistake_problems, run_script
 
 import APFP_train
 import evaluate_gpu
@@ -24,7 +22,7 @@ import model as model_lib
 import test as test_lib
 import test_small
 from make_synthetic_data import generate
-from toolkit import train_loop
+from toolkit import run, train_loop
 from toolkit.layouts import prepare_market_like
 
 RUN_NAME = "prune_APFP/knn2/market/0.90/no_1x1_3e-1_70_0.01_m95_fast"
@@ -255,19 +253,7 @@ def test_bad_inputs_are_one_line_errors_and_write_nothing(world, synthetic_marke
     paths = make_bad_files(root, synthetic_market / "pytorch")
     cases = bad_cases(paths)
     before = digest(root)
-    spec = [{"script": script, "args": [str(a) for a in argv], "cwd": str(root), "env": env}
-            for _, script, argv, _ in cases]
-    (tmp_path / "cases.json").write_text(json.dumps(spec))
-    subprocess.run([sys.executable, str(ROOT / "tests" / "script_runner.py"), tmp_path / "cases.json",
-                    tmp_path / "results.json"], check=True, timeout=600)
-    results = json.loads((tmp_path / "results.json").read_text())
-    problems = []
-    for (name, script, argv, expected), r in zip(cases, results):
-        lines = [line for line in r["stderr"].splitlines() if line.strip()]
-        ok = (r["code"] == 2 and len(lines) == 1 and lines[0].startswith("error: ")
-              and "Traceback" not in r["stderr"] and (expected is None or expected in lines[0]))
-        if not ok:
-            problems.append(f"{name}: exit {r['code']}, stderr {r['stderr'][-600:]!r}")
+    problems = mistake_problems(cases, root, env, tmp_path, timeout=600)
     assert not problems, "\n".join(problems)
     after = digest(root)
     changed = sorted(k for k in before.keys() | after.keys() if before.get(k) != after.get(k))
@@ -299,11 +285,11 @@ def test_non_finite_loss_stops_with_epoch_and_step_and_keeps_last_checkpoint(syn
 
 def test_weights_that_diverge_are_not_saved():
     net = torch.nn.Linear(2, 2)
-    train_loop.check_finite_weights(net, "epoch 1")
+    run.check_finite_weights(net, "epoch 1")
     with torch.no_grad():
         net.weight[0, 0] = float("inf")
     with pytest.raises(train_loop.TrainingError, match="epoch 4 \\(weight\\)"):
-        train_loop.check_finite_weights(net, "epoch 4")
+        run.check_finite_weights(net, "epoch 4")
 
 
 def test_written_files_keep_the_normal_mode(tmp_path):

@@ -1,19 +1,15 @@
 """Mistakes and hostile files given to transreid/ and classification/, as a new user makes them: every one
 is a single `error: ...` line (at most 300 characters) with exit status 2, never a traceback, and nothing
 on disk is created, written or overwritten."""
-import json
 import shutil
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
 import torchvision
-from conftest import ROOT, TINY_ATTN, TINY_CFG, TINY_HEAD
+from conftest import ROOT, TINY_ATTN, TINY_CFG, TINY_HEAD, mistake_problems
 
 from classification.synthetic import write_cifar10, write_imagenet
-from toolkit.errors import MAX_MESSAGE
 
 
 def nan_copy(src: Path, dst: Path, key: str | None = None) -> None:
@@ -256,18 +252,7 @@ def test_package_mistakes_are_one_line_errors_and_write_nothing(world, tmp_path)
     all_cases = cases(world)
     assert len(all_cases) >= 100
     before = digest(world["root"])
-    spec = [{"script": script, "args": [str(a) for a in argv], "cwd": str(ROOT)} for _, script, argv, _ in all_cases]
-    (tmp_path / "cases.json").write_text(json.dumps(spec))
-    subprocess.run([sys.executable, str(ROOT / "tests" / "script_runner.py"), tmp_path / "cases.json",
-                    tmp_path / "results.json"], check=True, timeout=900)
-    results = json.loads((tmp_path / "results.json").read_text())
-    problems = []
-    for (name, _, _, expected), r in zip(all_cases, results):
-        lines = [line for line in r["stderr"].splitlines() if line.strip()]
-        ok = (r["code"] == 2 and len(lines) == 1 and lines[0].startswith("error: ") and "Traceback" not in r["stderr"]
-              and len(lines[0]) <= len("error: ") + MAX_MESSAGE and expected in lines[0])
-        if not ok:
-            problems.append(f"{name}: exit {r['code']}, stderr {r['stderr'][-500:]!r}")
+    problems = mistake_problems(all_cases, ROOT, None, tmp_path)
     assert not problems, "\n".join(problems)
     after = digest(world["root"])
     changed = sorted(k for k in before.keys() | after.keys() if before.get(k) != after.get(k))

@@ -127,3 +127,16 @@ def test_a_torchrun_mistake_is_printed_once_and_every_rank_exits_2(synthetic_occ
             and "site-packages" not in line and "<frozen" not in line]
     assert ours == []  # torchrun adds its own ChildFailedError traceback; none comes from the project's code
     assert res.stderr.count("exitcode  : 2") == 2 and not (tmp_path / "run").exists()
+
+
+def test_a_head_count_that_cannot_be_met_is_reported(tiny_transreid_run, synthetic_occ_duke, tmp_path):
+    from conftest import TINY_HEAD
+    out = tmp_path / "heads"
+    r = run_script("-m transreid.finetune", "--config_file", TINY_HEAD, "DATASETS.ROOT_DIR", synthetic_occ_duke,
+                   "FINETUNE.PRETRAIN_PATH", tiny_transreid_run / "transformer_2.pth", "OUTPUT_DIR", out,
+                   "FINETUNE.PRUNE_MODE", "random", "FINETUNE.PRUNE_RATE", "0.95", "FINETUNE.ITER_NUM", "1",
+                   "--stop_after_step", "0")
+    assert r.returncode == 0, r.stderr
+    # 3 prunable layers of 4 heads: int(4 * 3 * 0.95) = 11 asked, but each layer keeps one head, so 9 go
+    assert "asked to remove 11 heads but only 9 could go" in (out / "log.txt").read_text()
+    assert torch.load(out / "resume.pth", weights_only=True)["model"]["heads"][:3] == [1, 1, 1]

@@ -19,20 +19,8 @@ from tqdm import tqdm
 import model as model_lib
 from toolkit import cli, data, distributed, utils
 from toolkit import losses as losses_lib
+from toolkit import run as scaffold
 from toolkit.layouts import DatasetError
-from toolkit.run import (
-    RunError,
-    RunFolder,
-    check_finite_loss,
-    check_finite_weights,
-    check_same_run,
-    gather_rng,
-    load_resume,
-    restore_rng,
-    save_checkpoint,
-    save_resume,
-    state_dict_mismatch,
-)
 
 
 class EpochEndHook:
@@ -124,7 +112,7 @@ PIPELINE_UNUSED_FLAGS = {"--name": "not used (outputs go to --out)", "--results_
                          "--pretrained": "not used (--checkpoint gives the weights)", "--no_pretrained": "not used"}
 
 
-TrainingError = RunError  # the name the train scripts and pipeline scripts know
+TrainingError = scaffold.RunError  # the name the train scripts and pipeline scripts know
 
 
 USER_ERRORS = (DatasetError, model_lib.ModelError, losses_lib.LossError, TrainingError)
@@ -147,10 +135,10 @@ def check_training_args(args: argparse.Namespace) -> None:
                              "allocation can reach the overall rate")
 
 
-def check_run_folder(out: Path, args: argparse.Namespace, method: str) -> tuple[RunFolder, dict]:
+def check_run_folder(out: Path, args: argparse.Namespace, method: str) -> tuple[scaffold.RunFolder, dict]:
     """The run folder (an existing run needs --resume, then the same run, or --overwrite) and the saved
     options of the run to resume ({} otherwise)."""
-    folder = RunFolder(out, resume=args.resume, overwrite=getattr(args, "overwrite", False), markers=RUN_FILES,
+    folder = scaffold.RunFolder(out, resume=args.resume, overwrite=getattr(args, "overwrite", False), markers=RUN_FILES,
                        elsewhere="choose another --name", inputs=[getattr(args, "pretrained", None),
                                                                   *str(args.data_dir).split(",")])
     if not args.resume:
@@ -160,7 +148,7 @@ def check_run_folder(out: Path, args: argparse.Namespace, method: str) -> tuple[
         saved = utils.load_options(opts_file)
     except (OSError, ValueError, yaml.YAMLError) as e:
         raise TrainingError(f"--resume: cannot read {opts_file} ({type(e).__name__})") from None
-    check_same_run(saved, {**vars(args), "method": method}, out, RESUME_MUST_MATCH)
+    scaffold.check_same_run(saved, {**vars(args), "method": method}, out, RESUME_MUST_MATCH)
     return folder, saved
 
 
@@ -170,6 +158,7 @@ def check_resume_classes(out: Path, saved: int | None, num_classes: int, data_di
                             "another dataset (or split) than the run's")
 
 
+KIND = "the re-ID train scripts"
 RESUME_KEYS = ("model", "optimizer", "scheduler", "hook", "rng", "mining_rng", "epoch", "history")
 
 
@@ -293,7 +282,8 @@ def train_one_epoch(pair, loader, optimizer, scaler, device, args, epoch: int, g
         optimizer.zero_grad(set_to_none=True)
         loss, stats = loss_and_backward(pair, imgs, labels, positives, args, generator, scaler)
         loss_value = loss.item()
-        check_finite_loss(loss_value, f"epoch {epoch}, step {step - (epoch - 1) * len(loader) + 1}/{len(loader)}")
+        in_epoch = step - (epoch - 1) * len(loader) + 1
+        scaffold.check_finite_loss(loss_value, f"epoch {epoch}, step {in_epoch}/{len(loader)}")
         if scaler is not None:
             scaler.step(optimizer)
             scaler.update()
@@ -358,7 +348,7 @@ def train(args: argparse.Namespace, make_hook: Callable[[nn.Module, argparse.Nam
     check_training_args(args)
     out = run_dir(args)
     folder, saved = check_run_folder(out, args, method)
-    resume_state = load_resume(folder.resume_file, "the re-ID train scripts", RESUME_KEYS) if args.resume else None
+    resume_state = scaffold.load_resume(folder.resume_file, KIND, RESUME_KEYS) if args.resume else None
     device = distributed.setup(args.gpu_ids)
     rank, world, main = distributed.rank(), distributed.world_size(), distributed.is_main()
     utils.seed_everything(args.seed + rank)  # augmentation differs per rank; the model init is broadcast
@@ -386,13 +376,13 @@ def train(args: argparse.Namespace, make_hook: Callable[[nn.Module, argparse.Nam
             net.load_state_dict(state["model"])
         except RuntimeError:
             raise TrainingError(f"--resume: {folder.resume_file} does not fit {args.network_arch}: "
-                                f"{state_dict_mismatch(net, state['model'])}") from None
+                                f"{scaffold.state_dict_mismatch(net, state['model'])}") from None
         optimizer.load_state_dict(state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
         hook.load_state_dict(state["hook"])
         if scaler is not None and "scaler" in state:
             scaler.load_state_dict(state["scaler"])
-        restore_rng(state["rng"])
+        scaffold.restore_rng(state["rng"])
         mining.set_state(state["mining_rng"])
         start, history = state["epoch"] + 1, state["history"]
         if main:
@@ -419,17 +409,17 @@ def train(args: argparse.Namespace, make_hook: Callable[[nn.Module, argparse.Nam
 
 
 def train_epoch(epoch: int, pair, net, hook, loader, optimizer, scheduler, scaler, device, args, mining,
-                history: list[dict], options: dict, folder: RunFolder, start: int) -> None:
+                history: list[dict], options: dict, folder: scaffold.RunFolder, start: int) -> None:
     """One epoch, the hook, and rank 0's files: the checkpoints, resume.pth, log.csv, opts.yaml."""
     main, last = distributed.is_main(), epoch == args.Epochs
     stats = train_one_epoch(pair, loader, optimizer, scaler, device, args, epoch, mining)
     lr = optimizer.param_groups[1]["lr"]
     scheduler.step()
-    check_finite_weights(net, f"epoch {epoch}")
+    scaffold.check_finite_weights(net, f"epoch {epoch}")
     note = hook.on_epoch_end(net, epoch, last) if main else ""
     distributed.broadcast_module(net)  # rank 0's pruned weights everywhere
     hook.load_state_dict(distributed.broadcast_object(hook.state_dict()))
-    rng = gather_rng()
+    rng = scaffold.gather_rng()
     if not main:
         return
     history.append({"epoch": epoch, **stats, "lr": lr, "note": note})
@@ -442,14 +432,14 @@ def train_epoch(epoch: int, pair, net, hook, loader, optimizer, scheduler, scale
     if epoch >= args.save_epoch or last:
         weights = hook.weights_to_save(net, epoch, last)
         if epoch >= args.save_epoch:
-            save_checkpoint(weights, out / f"net_{epoch}.pth")
+            scaffold.save_checkpoint(weights, out / f"net_{epoch}.pth")
         if last:
-            save_checkpoint(weights, out / "net_last.pth")
+            scaffold.save_checkpoint(weights, out / "net_last.pth")
     resume = {"model": net.state_dict(), "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
               "hook": hook.state_dict(), "rng": rng, "mining_rng": mining.get_state(), "epoch": epoch,
               "history": history}
     if scaler is not None:
         resume["scaler"] = scaler.state_dict()
-    save_resume(resume, out / "resume.pth", "the re-ID train scripts")
+    scaffold.save_resume(resume, out / "resume.pth", KIND)
     write_log(history, out / "log.csv")
     folder.commit()

@@ -20,16 +20,8 @@ import argparse
 import torch
 
 from toolkit import cli, distributed, utils
+from toolkit import run as scaffold
 from toolkit.layouts import DatasetError
-from toolkit.run import (
-    check_finite_weights,
-    check_run_flags,
-    gather_rng,
-    load_resume,
-    restore_rng,
-    save_checkpoint,
-    save_resume,
-)
 from transreid import amg, processor
 from transreid.config import ConfigError, get_args_parser, load_config
 from transreid.datasets import make_test_loader, make_train_loader, read_dataset
@@ -114,14 +106,14 @@ KIND = "transreid.finetune"
 
 
 def main(args: argparse.Namespace) -> dict:
-    check_run_flags(args.resume, args.overwrite)
+    scaffold.check_run_flags(args.resume, args.overwrite)
     cfg = load_config(args.config_file, args.opts)
     f, s = cfg.FINETUNE, cfg.SOLVER
     if not f.PRETRAIN_PATH:
         raise ConfigError("FINETUNE.PRETRAIN_PATH is empty: name the trained TransReID checkpoint to prune")
     folder = processor.run_folder(cfg, args.resume, args.overwrite, [f.PRETRAIN_PATH])
     start_ckpt = read_reid_checkpoint(f.PRETRAIN_PATH, "FINETUNE.PRETRAIN_PATH")
-    resume = load_resume(folder.resume_file, KIND, RESUME_KEYS) if args.resume else None
+    resume = scaffold.load_resume(folder.resume_file, KIND, RESUME_KEYS) if args.resume else None
     device = processor.select_device(cfg)
     rank, world = distributed.rank(), distributed.world_size()
     utils.seed_everything(s.SEED + rank)
@@ -148,7 +140,7 @@ def main(args: argparse.Namespace) -> dict:
     start, history, best = 0, [], {"mAP": -1.0}
     if resume is not None:
         optimizer.load_state_dict(resume["optimizer"])
-        restore_rng(resume["rng"])  # one state per rank of the interrupted run
+        scaffold.restore_rng(resume["rng"])  # one state per rank of the interrupted run
         start, history, best = resume["next_step"], resume["history"], resume["best"]
     processor.log(folder, f"AMG {f.PRUNE_MODE} rate {f.PRUNE_RATE} from {f.PRETRAIN_PATH}: removing {counts} per "
                           f"round, {epochs} fine-tuning epochs, distillation {f.DISTILL_TYPE}")
@@ -193,7 +185,7 @@ def run_step(cfg, i: int, steps: list[tuple[str, int]], epochs: int, models: tup
         lr = set_epoch_lr(optimizer, value, s.BASE_LR, epochs, s.WARMUP_EPOCHS)
         stats = processor.train_one_epoch(net, loader, optimizer, loss_fn, device, value, epochs, teacher_loss,
                                           desc="fine-tune")
-        check_finite_weights(model, f"fine-tuning epoch {value}")
+        scaffold.check_finite_weights(model, f"fine-tuning epoch {value}")
         record = {"step": i, "epoch": value, "lr": lr, **stats}
         final = i >= len(steps) - f.FINAL_NUM
         if final and (value % s.EVAL_PERIOD == 0 or i == len(steps) - 1):
@@ -201,17 +193,17 @@ def run_step(cfg, i: int, steps: list[tuple[str, int]], epochs: int, models: tup
         processor.log(folder, f"epoch {value}/{epochs}  loss {stats['loss']:.4f}  acc {stats['acc']:.3f}  "
                               f"lr {lr:.2e}" + (f"  {processor.format_metrics(record)}" if "mAP" in record else ""))
     history.append(record)
-    rng = gather_rng()
+    rng = scaffold.gather_rng()
     if distributed.is_main():
         out = folder.path
         processor.save_config(cfg, out)
         ckpt = checkpoint(model, step=i, prune_mode=f.PRUNE_MODE, prune_rate=f.PRUNE_RATE)
         if record.get("mAP", -1.0) > best["mAP"]:
             best.update(mAP=record["mAP"], epoch=record["epoch"])
-            save_checkpoint({**ckpt, "chosen_on": "test set mAP", "metrics": record}, out / "best.pth")
+            scaffold.save_checkpoint({**ckpt, "chosen_on": "test set mAP", "metrics": record}, out / "best.pth")
         if i == len(steps) - 1:
-            save_checkpoint({**ckpt, "metrics": record}, out / "last.pth")
-        save_resume({"model": ckpt, "optimizer": optimizer.state_dict(), "next_step": i + 1, "rng": rng,
+            scaffold.save_checkpoint({**ckpt, "metrics": record}, out / "last.pth")
+        scaffold.save_resume({"model": ckpt, "optimizer": optimizer.state_dict(), "next_step": i + 1, "rng": rng,
                      "history": history, "best": best}, out / "resume.pth", KIND)
         folder.commit()
     return net, optimizer

@@ -11,17 +11,8 @@ import argparse
 import torch
 
 from toolkit import cli, distributed, utils
+from toolkit import run as scaffold
 from toolkit.layouts import DatasetError
-from toolkit.run import (
-    check_finite_weights,
-    check_run_flags,
-    gather_rng,
-    load_resume,
-    restore_rng,
-    save_checkpoint,
-    save_resume,
-    state_dict_mismatch,
-)
 from transreid import processor
 from transreid.config import ConfigError, get_args_parser, load_config
 from transreid.datasets import make_test_loader, make_train_loader, read_dataset
@@ -71,10 +62,10 @@ KIND = "transreid.train"
 
 
 def main(args: argparse.Namespace) -> dict:
-    check_run_flags(args.resume, args.overwrite)
+    scaffold.check_run_flags(args.resume, args.overwrite)
     cfg = load_config(args.config_file, args.opts)
     folder = processor.run_folder(cfg, args.resume, args.overwrite, [cfg.MODEL.PRETRAIN_PATH])
-    resume = load_resume(folder.resume_file, KIND, RESUME_KEYS) if args.resume else None
+    resume = scaffold.load_resume(folder.resume_file, KIND, RESUME_KEYS) if args.resume else None
     start_weights = None if resume else read_start_weights(cfg)
     device = processor.select_device(cfg)
     rank, world = distributed.rank(), distributed.world_size()
@@ -90,7 +81,7 @@ def main(args: argparse.Namespace) -> dict:
     if resume is not None:
         load_resume_model(model, resume, folder.resume_file)
         optimizer.load_state_dict(resume["optimizer"])
-        restore_rng(resume["rng"])  # one state per rank of the interrupted run
+        scaffold.restore_rng(resume["rng"])  # one state per rank of the interrupted run
         start, history = resume["epoch"] + 1, resume["history"]
     distributed.broadcast_module(model)
     net = processor.wrap(model, device)
@@ -117,8 +108,8 @@ def load_resume_model(model: torch.nn.Module, resume: dict, path) -> None:
     try:
         model.load_state_dict(resume["model"]["state_dict"])
     except (RuntimeError, KeyError, TypeError) as e:
-        detail = state_dict_mismatch(model, resume["model"]["state_dict"]) if isinstance(e, RuntimeError) else \
-            f"{type(e).__name__}: {e}"
+        detail = (scaffold.state_dict_mismatch(model, resume["model"]["state_dict"]) if isinstance(e, RuntimeError)
+                  else f"{type(e).__name__}: {e}")
         raise processor.RunError(f"--resume: {path} does not fit the configured model: {detail}") from None
 
 
@@ -128,7 +119,7 @@ def train_epoch(cfg, epoch: int, net, model, optimizer, loss_fn, train_loader, t
     s = cfg.SOLVER
     lr = set_epoch_lr(optimizer, epoch, s.BASE_LR, s.MAX_EPOCHS, s.WARMUP_EPOCHS)
     stats = processor.train_one_epoch(net, train_loader, optimizer, loss_fn, device, epoch, s.MAX_EPOCHS)
-    check_finite_weights(model, f"epoch {epoch}")
+    scaffold.check_finite_weights(model, f"epoch {epoch}")
     record = {"epoch": epoch, "lr": lr, **stats}
     if epoch % s.EVAL_PERIOD == 0 or epoch == s.MAX_EPOCHS:
         record.update(processor.test_model(cfg, model, test_loader, num_query, device)[0])
@@ -136,15 +127,15 @@ def train_epoch(cfg, epoch: int, net, model, optimizer, loss_fn, train_loader, t
     line = f"epoch {epoch}/{s.MAX_EPOCHS}  loss {stats['loss']:.4f}  acc {stats['acc']:.3f}  lr {lr:.2e}  " \
            f"{stats['seconds']:.1f}s"
     processor.log(folder, line + (f"  {processor.format_metrics(record)}" if "mAP" in record else ""))
-    rng = gather_rng()
+    rng = scaffold.gather_rng()
     if not distributed.is_main():
         return
     out = folder.path
     processor.save_config(cfg, out)
     ckpt = checkpoint(model, epoch=epoch)
     if epoch % s.CHECKPOINT_PERIOD == 0 or epoch == s.MAX_EPOCHS:
-        save_checkpoint(ckpt, out / f"transformer_{epoch}.pth")
-    save_resume({"model": ckpt, "optimizer": optimizer.state_dict(), "epoch": epoch, "rng": rng,
+        scaffold.save_checkpoint(ckpt, out / f"transformer_{epoch}.pth")
+    scaffold.save_resume({"model": ckpt, "optimizer": optimizer.state_dict(), "epoch": epoch, "rng": rng,
                  "history": history}, out / "resume.pth", KIND)
     folder.commit()
 
