@@ -33,6 +33,7 @@ from toolkit.ranking import (  # noqa: F401
     EvaluationError,
     GalleryIndex,
     average_precision,
+    both_protocols,
     check_inputs,
     evaluate,
     evaluate_protocols,
@@ -41,6 +42,8 @@ from toolkit.ranking import (  # noqa: F401
     good_match_ranks,
     load_mat,
     multi_query_features,
+    multi_query_file,
+    multi_query_of,
     ordered_keys,
     score_function,
     summarize,
@@ -150,16 +153,11 @@ def main(args: argparse.Namespace) -> dict:
     if args.rerank:
         result["rerank"] = {"k1": args.k1, "k2": args.k2, "lambda": args.lambda_value}
     print(("re-ranked " if args.rerank else "") + format_result(result, args.protocol))
-    multi_file = Path(args.multi_mat or Path(args.mat).with_name("multi_query.mat"))
-    if multi_file.is_file() and multi_file.stat().st_mtime < Path(args.mat).stat().st_mtime:
-        print(f"note: ignoring {multi_file}, older than {args.mat} (written by an earlier test.py --multi run)")
-    elif multi_file.is_file():
-        m = load_mat(multi_file, ("mquery_f", "mquery_label", "mquery_cam"))
-        try:
-            mq = multi_query_features(q[1], q[2], m["mquery_f"], m["mquery_label"], m["mquery_cam"], q[0])
-        except EvaluationError as e:
-            raise EvaluationError(f"{multi_file}: {e}") from None
-        multi = score((mq, *arrays[1:]), args, device)[0][args.protocol]
+    found = multi_query_file(args.mat, args.multi_mat)
+    if found is not None and not found[1]:
+        print(f"note: ignoring {found[0]}, older than {args.mat} (written by an earlier test.py --multi run)")
+    elif found is not None:
+        multi = score((multi_query_of(found[0], q), *arrays[1:]), args, device)[0][args.protocol]
         print("multi Rank@1:%f Rank@5:%f Rank@10:%f mAP:%f" % (multi["rank1"], multi["rank5"], multi["rank10"],
                                                                 multi["mAP"]))
         result["multi"] = multi
@@ -167,9 +165,7 @@ def main(args: argparse.Namespace) -> dict:
         draw_ranks(arrays, paths, per_query, reranker, args)
     if args.json:  # both protocols, so collected tables need no recomputation
         from toolkit.atomic_io import write_text_atomic
-        other = "standard" if args.protocol == "reference" else "reference"
-        result[other] = both[other]
-        result["protocol"] = args.protocol
+        result = both_protocols(result, both, args.protocol)
         try:
             write_text_atomic(json.dumps(result, indent=2), args.json)
         except OSError as e:

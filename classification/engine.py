@@ -232,8 +232,7 @@ def run_folder(r: Recipe, overwrite: bool) -> scaffold.RunFolder | None:
         return None
     out = Path(r.save_dir)
     resuming_here = bool(r.resume) and Path(r.resume).resolve().parent == out.resolve()
-    if r.resume and overwrite:
-        raise scaffold.RunError("--resume continues the run, --overwrite replaces it: give one")
+    scaffold.check_run_flags(bool(r.resume), overwrite)  # also a --resume from another folder
     return scaffold.RunFolder(out, resume=resuming_here, overwrite=overwrite,
                               markers=("checkpoint.pth", "model_best.pth"),
                               resume_file=Path(r.resume).name if resuming_here else "checkpoint.pth",
@@ -354,12 +353,12 @@ def train_epoch(epoch: int, net: nn.Module, model: nn.Module, mask, optimizer, t
     if metrics["top1"] > best["top1"]:
         best.update(top1=metrics["top1"], top5=metrics["top5"], epoch=epoch + 1)
         scaffold.save_checkpoint(checkpoint(net, r, num_classes, layers, epoch + 1, None, history, best),
-                        out / "model_best.pth")
+                                 out / "model_best.pth")
     print(f"epoch {epoch + 1}/{r.epochs} lr {lr:.4g} loss {stats['loss']:.4f} train {stats['train_top1']:.2f}% "
           f"| test top-1 {metrics['top1']:.2f}% top-5 {metrics['top5']:.2f}%{' after masking' if mask else ''} "
           f"| best {best['top1']:.2f}% (epoch {best['epoch']}) {stats['seconds']:.1f}s", flush=True)
     scaffold.save_checkpoint(checkpoint(net, r, num_classes, layers, epoch + 1, optimizer, history, best, rng),
-                    out / "checkpoint.pth")
+                             out / "checkpoint.pth")
     write_log(history, out / "log.csv")
     folder.commit()
 

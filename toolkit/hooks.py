@@ -132,11 +132,6 @@ def train_method(args: argparse.Namespace, name: str) -> nn.Module:
 bafd_hook = method_hook("bafd")
 
 
-def uniform_hook(criterion: str):
-    """The masking method of METHODS whose criterion is `criterion` (SFP: l2, FPGM: fpgm)."""
-    return method_hook(next(name for name, m in METHODS.items() if m.criterion == criterion and m.decay == 0))
-
-
 class TaylorScores:
     """First-order Taylor importance of every pruned conv's filters (Molchanov et al.): on `batches` training
     batches (a forward and backward pass each, no optimiser step, BN statistics untouched), per forward
@@ -155,9 +150,10 @@ class TaylorScores:
         with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
             torch.manual_seed(self.args.seed + epoch)
             self.loader.sampler.set_epoch(epoch)
-            return taylor_scores(net, convs, self.batches_of(epoch), self.loss_fn(epoch))
+            return taylor_scores(net, convs, self.first_batches(), self.loss_fn(epoch))
 
-    def batches_of(self, epoch: int):
+    def first_batches(self):
+        """The first `batches` batches of the loader's current epoch."""
         for i, batch in enumerate(self.loader):
             if i == self.batches:
                 return

@@ -302,6 +302,34 @@ def load_mat(path: str | os.PathLike, keys) -> dict:
     return mat
 
 
+MULTI_KEYS = ("mquery_f", "mquery_label", "mquery_cam")
+
+
+def multi_query_file(mat_path: str | os.PathLike, multi_mat: str | os.PathLike | None = None
+                     ) -> tuple[Path, bool] | None:
+    """(the multi-query file of a result file: `multi_mat`, else multi_query.mat beside it; whether it is
+    current, i.e. not older than the result file), or None when there is none."""
+    multi_file = Path(multi_mat or Path(mat_path).with_name("multi_query.mat"))
+    if not multi_file.is_file():
+        return None
+    return multi_file, multi_file.stat().st_mtime >= Path(mat_path).stat().st_mtime
+
+
+def multi_query_of(multi_file: Path, query: tuple) -> np.ndarray:
+    """The multi-query features of the (features, labels, cameras) queries, from test.py --multi's file."""
+    m = load_mat(multi_file, MULTI_KEYS)
+    try:
+        return multi_query_features(query[1], query[2], m["mquery_f"], m["mquery_label"], m["mquery_cam"], query[0])
+    except EvaluationError as e:
+        raise EvaluationError(f"{multi_file}: {e}") from None
+
+
+def both_protocols(result: dict, both: dict, protocol: str) -> dict:
+    """`result` (the metrics of `protocol`) with the other protocol's under its name, as --json writes it."""
+    other = "standard" if protocol == "reference" else "reference"
+    return {**result, other: both[other], "protocol": protocol}
+
+
 def mat_metrics(mat_path: str | os.PathLike, protocol: str = "reference") -> dict:
     """What `evaluate_gpu.py --json` writes for a test.py result file: the metrics of `protocol`, the other
     protocol's under its name, and the multi-query ones when multi_query.mat lies beside it."""
@@ -312,11 +340,9 @@ def mat_metrics(mat_path: str | os.PathLike, protocol: str = "reference") -> dic
         both = summarize(feature_query_results(*arrays))
     except EvaluationError as e:
         raise EvaluationError(f"{mat_path}: {e}") from None
-    other = "standard" if protocol == "reference" else "reference"
-    result = {**both[protocol], other: both[other], "protocol": protocol}
-    multi_file = Path(mat_path).with_name("multi_query.mat")
-    if multi_file.is_file() and multi_file.stat().st_mtime >= Path(mat_path).stat().st_mtime:
-        m = load_mat(multi_file, ("mquery_f", "mquery_label", "mquery_cam"))
-        mq = multi_query_features(q[1], q[2], m["mquery_f"], m["mquery_label"], m["mquery_cam"], q[0])
+    result = both_protocols(both[protocol], both, protocol)
+    found = multi_query_file(mat_path)
+    if found is not None and found[1]:
+        mq = multi_query_of(found[0], q)
         result["multi"] = summarize(feature_query_results(mq, *arrays[1:]))[protocol]
     return result

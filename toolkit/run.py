@@ -51,9 +51,7 @@ def check_same_run(saved: Mapping[str, Any], asked: Mapping[str, Any], where: st
     """--resume continues the run it names: the first run-defining option (`keys`, or every key of `asked`
     not starting with one of `free`) whose value differs from the saved one is an error."""
     for key in (keys if keys is not None else asked):
-        if key.startswith(free) if free else False:
-            continue
-        if key not in saved or key not in asked:
+        if (free and key.startswith(free)) or key not in saved or key not in asked:
             continue
         now, then = asked[key], saved[key]
         if key in path_keys:
@@ -82,7 +80,7 @@ class RunFolder:
                  inputs: Iterable[str | os.PathLike | None] = (), resume_hint: str = "pass --resume to continue it"):
         check_run_flags(resume, overwrite)
         self.final = Path(path)
-        self.resume, self.overwrite = resume, overwrite
+        self.resume = resume
         self.resume_file = self.final / resume_file
         self.path = self.final
         self.started = self.committed = False

@@ -128,8 +128,7 @@ def check_training_args(args: argparse.Namespace) -> None:
     """Flag combinations that would give another run than asked; the parser checked each flag alone."""
     if args.no_pretrained and args.pretrained:
         raise cli.UsageError("--no_pretrained and --pretrained contradict each other: give one")
-    if getattr(args, "resume", False) and getattr(args, "overwrite", False):
-        raise cli.UsageError("--resume continues the run, --overwrite replaces it: give one")
+    scaffold.check_run_flags(getattr(args, "resume", False), getattr(args, "overwrite", False))
     if getattr(args, "max_lrate", None) is not None and args.max_lrate < args.prune_rate:
         raise cli.UsageError(f"--max_lrate {args.max_lrate} is below --prune_rate {args.prune_rate}: no layer "
                              "allocation can reach the overall rate")
@@ -138,9 +137,9 @@ def check_training_args(args: argparse.Namespace) -> None:
 def check_run_folder(out: Path, args: argparse.Namespace, method: str) -> tuple[scaffold.RunFolder, dict]:
     """The run folder (an existing run needs --resume, then the same run, or --overwrite) and the saved
     options of the run to resume ({} otherwise)."""
-    folder = scaffold.RunFolder(out, resume=args.resume, overwrite=getattr(args, "overwrite", False), markers=RUN_FILES,
-                       elsewhere="choose another --name", inputs=[getattr(args, "pretrained", None),
-                                                                  *str(args.data_dir).split(",")])
+    inputs = [getattr(args, "pretrained", None), *str(args.data_dir).split(",")]
+    folder = scaffold.RunFolder(out, resume=args.resume, overwrite=getattr(args, "overwrite", False),
+                                markers=RUN_FILES, elsewhere="choose another --name", inputs=inputs)
     if not args.resume:
         return folder, {}
     opts_file = out / "opts.yaml"

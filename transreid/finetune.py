@@ -204,7 +204,7 @@ def run_step(cfg, i: int, steps: list[tuple[str, int]], epochs: int, models: tup
         if i == len(steps) - 1:
             scaffold.save_checkpoint({**ckpt, "metrics": record}, out / "last.pth")
         scaffold.save_resume({"model": ckpt, "optimizer": optimizer.state_dict(), "next_step": i + 1, "rng": rng,
-                     "history": history, "best": best}, out / "resume.pth", KIND)
+                             "history": history, "best": best}, out / "resume.pth", KIND)
         folder.commit()
     return net, optimizer
 

@@ -136,7 +136,7 @@ def train_epoch(cfg, epoch: int, net, model, optimizer, loss_fn, train_loader, t
     if epoch % s.CHECKPOINT_PERIOD == 0 or epoch == s.MAX_EPOCHS:
         scaffold.save_checkpoint(ckpt, out / f"transformer_{epoch}.pth")
     scaffold.save_resume({"model": ckpt, "optimizer": optimizer.state_dict(), "epoch": epoch, "rng": rng,
-                 "history": history}, out / "resume.pth", KIND)
+                         "history": history}, out / "resume.pth", KIND)
     folder.commit()
 
 
